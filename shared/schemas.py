@@ -1,0 +1,266 @@
+"""Message schemas: one pydantic model per subject, plus the small parts they share.
+
+Validation only, no logic. Every event carries schema_version, event_id (also the JetStream
+Nats-Msg-Id, so a re-published event is de-duplicated) and time. Units are in field names.
+"""
+from datetime import datetime, timezone
+from typing import Any, Literal
+from uuid import uuid4
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from shared import subjects
+
+SCHEMA_VERSION = 1
+
+Status = Literal["ok", "compile_error", "incorrect", "timeout", "crashed", "rejected"]
+Reason = Literal["new_shape", "frequency_shift", "time_share_shift", "regression", "idle_to_hot", "manual"]
+Strategy = Literal["baseline", "grid", "local", "evolve", "llm"]
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _new_id() -> str:
+    return uuid4().hex
+
+
+class Model(BaseModel):
+    # Unknown fields are an error: a typo in a hand-written event must not pass silently.
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class Event(Model):
+    schema_version: Literal[1] = SCHEMA_VERSION
+    event_id: str = Field(default_factory=_new_id, min_length=1, max_length=128)
+    time: datetime = Field(default_factory=_now)
+
+
+# ---- shared parts -------------------------------------------------------------------------------
+
+_TOKEN = r"^[A-Za-z0-9_\-]+$"  # one KV-key token: no dots, no spaces, no wildcards
+
+
+class KernelKey(Model):
+    """What a variant is chosen for: hardware, op, dtype and shape bucket."""
+
+    hardware: str = Field(pattern=_TOKEN, max_length=64)
+    op: str = Field(pattern=_TOKEN, max_length=64)
+    dtype: Literal["float32", "float16", "bfloat16"]
+    bucket: str = Field(pattern=_TOKEN, max_length=64)
+
+    def __str__(self) -> str:
+        return f"{self.hardware}.{self.op}.{self.dtype}.{self.bucket}"
+
+    @classmethod
+    def parse(cls, text: str) -> "KernelKey":
+        parts = text.split(".")
+        if len(parts) != 4:
+            raise ValueError(f"kernel key {text!r} is not <hardware>.<op>.<dtype>.<bucket>")
+        return cls(hardware=parts[0], op=parts[1], dtype=parts[2], bucket=parts[3])
+
+
+class WeightedShape(Model):
+    shape: list[int] = Field(min_length=1)
+    weight: float = Field(gt=0, allow_inf_nan=False)
+
+    @field_validator("shape")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(d <= 0 for d in v):
+            raise ValueError("every dimension must be positive")
+        return v
+
+
+class ShapeCount(Model):
+    shape: list[int] = Field(min_length=1)
+    calls: int = Field(ge=0)
+
+
+class Incumbent(Model):
+    """What serves the key now. variant_id None means the op's fallback."""
+
+    variant_id: str | None = None
+    source: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class Budget(Model):
+    rounds: int = Field(3, ge=1, le=100)
+    variants_per_round: int = Field(8, ge=1, le=256)
+
+
+class Campaign(Model):
+    """Everything a stage needs to work on a campaign without asking another service."""
+
+    campaign_id: str = Field(default_factory=_new_id)
+    key: KernelKey
+    profile: list[WeightedShape] = Field(min_length=1)
+    incumbent: Incumbent = Field(default_factory=Incumbent)
+    budget: Budget = Field(default_factory=Budget)
+    hints: list[str] = Field(default_factory=list)
+
+
+class Hardware(Model):
+    """Fingerprint of the machine a benchmark ran on."""
+
+    key: str  # the registry's hardware token, e.g. nvidia-h100-80gb-hbm3 or cpu-interpreter
+    name: str
+    interpreter: bool
+    torch: str
+    triton: str
+    host: str = ""
+
+
+class ShapeTiming(Model):
+    shape: list[int]
+    weight: float
+    candidate_us: float  # median
+    candidate_spread_us: float  # interquartile range
+    incumbent_us: float
+    incumbent_spread_us: float
+    speedup: float  # incumbent / candidate on this shape
+
+
+class UsageSnapshot(Model):
+    windows: int = Field(ge=0)
+    calls: int = Field(ge=0)
+    time_share: float = Field(ge=0, le=1, allow_inf_nan=False)
+    time_us_per_call: float | None = Field(None, ge=0, allow_inf_nan=False)
+
+
+# ---- one model per subject ----------------------------------------------------------------------
+
+
+class KernelStats(Event):
+    """One window of aggregated calls of one (op, dtype, bucket) on one hardware, from one source."""
+
+    key: KernelKey
+    source: str = Field(min_length=1, max_length=256)  # host:pid of the process that served the calls
+    window_start: datetime
+    window_s: float = Field(gt=0, allow_inf_nan=False)
+    calls: int = Field(ge=0)
+    shapes: list[ShapeCount] = Field(default_factory=list)
+    sampled_calls: int = Field(ge=0)
+    sampled_time_us: float = Field(ge=0, allow_inf_nan=False)  # sum over the sampled calls
+    time_us_p50: float | None = Field(None, ge=0, allow_inf_nan=False)
+    time_us_p90: float | None = Field(None, ge=0, allow_inf_nan=False)
+    variant_id: str | None = None  # what served the calls; None is the op's fallback
+
+    @property
+    def time_us_per_call(self) -> float | None:
+        return self.sampled_time_us / self.sampled_calls if self.sampled_calls else None
+
+    @property
+    def total_time_us(self) -> float:
+        return (self.time_us_per_call or 0.0) * self.calls
+
+
+class UsageChanged(Event):
+    key: KernelKey
+    reason: Reason
+    detail: str = ""
+    before: UsageSnapshot | None = None
+    after: UsageSnapshot | None = None
+    # The workload profile of the key; a hand-written event may leave it empty and the
+    # hypothesis stage fills it from what it has seen, or from the op's example shapes.
+    profile: list[WeightedShape] = Field(default_factory=list)
+    budget: Budget | None = None
+
+
+class Hypothesis(Event):
+    campaign: Campaign
+    reason: Reason
+    efficiency: float | None = None  # measured fraction of the roofline, when known
+    expected_gain: float = 0.0  # time share x headroom
+    detail: str = ""
+
+
+class VariantReady(Event):
+    campaign: Campaign
+    variant_id: str
+    source: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    strategy: Strategy
+    parents: list[str] = Field(default_factory=list)
+    round: int = Field(ge=0)
+    round_size: int = Field(ge=1)  # variants in this round, so the deployer knows when it is complete
+
+
+class BenchResult(Event):
+    campaign: Campaign
+    variant_id: str
+    source: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    strategy: Strategy
+    round: int = Field(ge=0)
+    round_size: int = Field(ge=1)
+    status: Status
+    error: str | None = None
+    timings: list[ShapeTiming] = Field(default_factory=list)
+    weighted_speedup: float | None = None
+    speedup_ci_low: float | None = None
+    speedup_ci_high: float | None = None
+    incumbent: str = ""  # what the candidate was compared with, in words
+    hardware: Hardware
+    method: str = ""
+
+
+class Failure(Model):
+    variant_id: str
+    status: Status
+    error: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class Scored(Model):
+    variant_id: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    weighted_speedup: float
+    speedup_ci_low: float
+
+
+class Refine(Event):
+    campaign: Campaign
+    round: int = Field(ge=1)  # the round to generate
+    rounds_left: int = Field(ge=1)
+    best: list[Scored] = Field(default_factory=list)  # best so far, best first
+    failures: list[Failure] = Field(default_factory=list)
+    tried: list[str] = Field(default_factory=list)  # variant ids already benchmarked
+
+
+class Deploy(Event):
+    campaign_id: str
+    key: KernelKey
+    variant_id: str
+    previous_variant_id: str | None = None
+    speedup: float
+    speedup_ci_low: float
+    revision: int
+    approved_by: str
+    rollback: bool = False
+
+
+class RegistryEntry(Model):
+    """The value of a registry key: what serves it, and why."""
+
+    variant_id: str
+    source: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    speedup: float
+    campaign_id: str
+    approved_by: str
+    deployed_at: datetime = Field(default_factory=_now)
+    previous_variant_id: str | None = None
+
+
+BY_SUBJECT: dict[str, type[Event]] = {
+    subjects.KERNEL_STATS: KernelStats,
+    subjects.USAGE_CHANGED: UsageChanged,
+    subjects.HYPOTHESIS: Hypothesis,
+    subjects.VARIANT_READY: VariantReady,
+    subjects.BENCH_RESULT: BenchResult,
+    subjects.REFINE: Refine,
+    subjects.DEPLOY: Deploy,
+}
