@@ -240,6 +240,7 @@ class Deploy(Event):
     revision: int
     approved_by: str
     rollback: bool = False
+    trace_id: str | None = None  # the campaign's trace, for `kernelloop trace`
 
 
 class RegistryEntry(Model):
@@ -253,6 +254,15 @@ class RegistryEntry(Model):
     approved_by: str
     deployed_at: datetime = Field(default_factory=_now)
     previous_variant_id: str | None = None
+    trace_id: str | None = None
+
+
+class ProfilerTrace(Event):
+    """A PyTorch profiler trace (Chrome trace JSON) for the observer service to turn into stats."""
+
+    source: str = Field(min_length=1, max_length=256)
+    hardware: str = Field(pattern=_TOKEN, max_length=64)
+    trace: dict[str, Any]
 
 
 BY_SUBJECT: dict[str, type[Event]] = {
@@ -263,4 +273,5 @@ BY_SUBJECT: dict[str, type[Event]] = {
     subjects.BENCH_RESULT: BenchResult,
     subjects.REFINE: Refine,
     subjects.DEPLOY: Deploy,
+    subjects.PROFILER_TRACE: ProfilerTrace,
 }

@@ -16,6 +16,9 @@ ALL = [KERNEL_STATS, USAGE_CHANGED, HYPOTHESIS, VARIANT_READY, BENCH_RESULT, REF
 # JetStream key-value buckets.
 REGISTRY_BUCKET = "kernelloop-registry"    # <hardware>.<op>.<dtype>.<bucket> -> RegistryEntry
 CAMPAIGN_BUCKET = "kernelloop-campaigns"   # campaign_id -> deployer's round state
+# Every creator of a bucket uses these histories: the server refuses a re-declaration that differs.
+REGISTRY_HISTORY = 16  # deploys kept per key, for rollback
+CAMPAIGN_HISTORY = 1
 
 # Durable consumer names, one per consuming stage; replicas of a stage share it (a work queue).
 DURABLE = {
