@@ -1,0 +1,18 @@
+"""kernelloop's public face: what a workload imports, re-exported from the observer's SDK.
+
+    import kernelloop
+    runtime = kernelloop.observe()          # publish kernel.stats, follow the registry
+    y = kernelloop.ops.rmsnorm(x, weight)   # served by the deployed variant for x's shape bucket
+    kernelloop.patch(model)                 # route a model's RMSNorm modules through ops
+"""
+
+__all__ = ["ops", "observe", "patch"]
+
+
+def __getattr__(name: str):
+    # Lazy, so `kernelloop --help` does not import torch and Triton.
+    if name in __all__:
+        from observer import sdk
+
+        return getattr(sdk, name)
+    raise AttributeError(f"module 'kernelloop' has no attribute {name!r}")

@@ -1,0 +1,5 @@
+import sys
+
+from kernelloop.cli import main
+
+sys.exit(main())

@@ -1,0 +1,64 @@
+"""Start the loop on one machine: an embedded nats-server (unless a NATS URL is given) and the five
+services as separate processes; stop them all, in order, on request or when one dies."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shared import nats_server
+
+SERVICES = ("observer", "detector", "generator", "benchmarker", "deployer")
+
+
+@dataclass
+class Loop:
+    nats_url: str
+    state_dir: Path
+    server: nats_server.NatsServer | None = None
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def dead(self) -> list[str]:
+        return [name for name, p in self.processes.items() if p.poll() is not None]
+
+    def stop(self, timeout: float = 15.0) -> None:
+        # SIGTERM lets each service finish the message in hand (FastStream drains), then the server.
+        for p in self.processes.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for p in self.processes.values():
+            try:
+                p.wait(max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        if self.server:
+            self.server.stop()
+
+
+def start(state_dir: Path, nats_url: str | None = None, env: dict[str, str] | None = None,
+          services: tuple[str, ...] = SERVICES) -> Loop:
+    state_dir = Path(state_dir).resolve()
+    (state_dir / "logs").mkdir(parents=True, exist_ok=True)
+    server = None
+    if not nats_url:
+        server = nats_server.start(state_dir / "nats", log_path=state_dir / "logs" / "nats-server.log")
+        nats_url = server.url
+    loop = Loop(nats_url=nats_url, state_dir=state_dir, server=server)
+    child_env = {**os.environ, **(env or {}), "NATS_URL": nats_url, "KERNELLOOP_STATE_DIR": str(state_dir),
+                 "PYTHONUNBUFFERED": "1"}
+    root = Path(__file__).resolve().parent.parent
+    try:
+        for name in services:
+            log = open(state_dir / "logs" / f"{name}.log", "ab")
+            loop.processes[name] = subprocess.Popen(
+                [sys.executable, "-m", name], cwd=root, env=child_env, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,  # the supervisor, not the terminal, decides when they stop
+            )
+    except Exception:
+        loop.stop()
+        raise
+    return loop
