@@ -9,15 +9,24 @@ from opentelemetry.trace import TracerProvider
 from shared import subjects
 from shared.schemas import Event
 
-# Every service declares the stream with this exact object: the server refuses a second
+# Every service declares the stream with exactly this config: the server refuses a second
 # declaration whose config differs (error 10058).
-STREAM = JStream(
+STREAM_CONFIG = dict(
     name=subjects.STREAM_NAME,
     subjects=list(subjects.ALL),
     storage=StorageType.FILE,
     duplicate_window=300.0,  # seconds; Nats-Msg-Id de-duplication horizon
     max_age=7 * 24 * 3600.0,
 )
+
+
+def stream() -> JStream:
+    # A fresh object per subscriber: FastStream marks a JStream as declared after its first broker
+    # starts, so a shared object would leave a second broker (or a fresh server) without the stream.
+    return JStream(**STREAM_CONFIG)
+
+
+STREAM = stream()  # for publishers' AsyncAPI declarations
 
 
 def make_broker(nats_url: str, tracer_provider: TracerProvider | None = None) -> tuple[NatsBroker, FastStream]:
@@ -33,7 +42,7 @@ def durable_subscriber(broker: NatsBroker, subject: str, *, ack_wait_s: float = 
     longest piece of work, or the server hands the message to another replica meanwhile."""
     return broker.subscriber(
         subject,
-        stream=STREAM,
+        stream=stream(),
         durable=subjects.DURABLE[subject],
         pull_sub=PullSub(batch_size=1, timeout=2.0),
         config=ConsumerConfig(ack_wait=ack_wait_s, max_deliver=max_deliver),

@@ -58,6 +58,14 @@ def cost(shape: list[int], dtype: torch.dtype) -> Cost:
 
 # The tuning space: BLOCK columns per step, ROWS rows per program, and the warps per program.
 SPACE = {"BLOCK": [256, 512, 1024, 2048, 4096, 8192], "ROWS": [1, 2, 4, 8], "num_warps": [1, 2, 4, 8, 16]}
+
+
+def prune(params: dict, profile) -> bool:
+    """True for points that cannot help this profile: at most one BLOCK above the row's next power of 2."""
+    hidden = max(s.shape[-1] for s in profile)
+    return params["BLOCK"] > 2 * (1 << (hidden - 1).bit_length())
+
+
 # The baseline Triton kernel: what a hand-written kernel would start with.
 DEFAULT = {"BLOCK": 512, "ROWS": 1, "num_warps": 4}
 

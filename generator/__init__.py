@@ -1,0 +1,1 @@
+"""The generator service: turns hypotheses and refine requests into variants to benchmark."""
