@@ -1,0 +1,1 @@
+"""The detector service: change detection over kernel.stats, and the hypothesis stage."""
