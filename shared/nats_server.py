@@ -49,7 +49,20 @@ class NatsServer:
                 self.process.wait()
 
 
-def start(data_dir: Path, port: int | None = None, log_path: Path | None = None, timeout: float = 15.0) -> NatsServer:
+def start(data_dir: Path, port: int | None = None, log_path: Path | None = None, timeout: float = 15.0,
+          attempts: int = 3) -> NatsServer:
+    """Start a server; with no port given, a port taken by someone else between our probe and the
+    server's bind is retried on fresh ports."""
+    for attempt in range(attempts if port is None else 1):
+        try:
+            return _start_once(data_dir, port, log_path, timeout)
+        except RuntimeError:
+            if attempt == attempts - 1 or port is not None:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _start_once(data_dir: Path, port: int | None, log_path: Path | None, timeout: float) -> NatsServer:
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()

@@ -1,0 +1,1 @@
+"""The deployer: gates benchmark results, keeps campaign rounds and budgets, writes the registry."""

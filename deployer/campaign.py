@@ -1,0 +1,223 @@
+"""Campaign round state: which results each round has received, the best so far, what was tried,
+and what the deployer still owes the campaign (a refine or a deploy).
+
+The transitions are pure functions over CampaignState; CampaignStore keeps the state in JetStream KV
+and applies a transition with compare-and-set on the entry's revision, so two deployer replicas
+handling results of the same round never lose one.
+"""
+import asyncio
+import hashlib
+import random
+import re
+from dataclasses import dataclass
+from typing import Callable, Literal, TypeVar
+
+import nats.js.errors
+from faststream.nats import NatsBroker
+from nats.js.kv import KeyValue
+from pydantic import Field
+
+from deployer.gate import Decision, decide
+from shared import subjects
+from shared.schemas import BenchResult, Campaign, Failure, Model, Refine, Scored
+from shared.variants import variant_id
+
+CampaignStatus = Literal["running", "deployed", "exhausted", "awaiting_approval"]
+AUTO_GATE = "auto-gate"
+KEEP_BEST = 8  # scored candidates handed to the next round
+KEEP_FAILURES = 32  # enough for a generator to see patterns, small enough for one KV value
+
+
+class CampaignState(Model):
+    campaign: Campaign
+    status: CampaignStatus = "running"
+    # Open rounds: round -> variant_id -> result. A round leaves this map when it completes.
+    results: dict[int, dict[str, BenchResult]] = Field(default_factory=dict)
+    rounds_done: int = 0
+    closed: list[int] = Field(default_factory=list)  # rounds that completed, in order
+    best: list[Scored] = Field(default_factory=list)  # best first, over every completed round
+    failures: list[Failure] = Field(default_factory=list)
+    tried: list[str] = Field(default_factory=list)  # variant ids of completed rounds
+    # What the deployer owes after a round closed; cleared once done, so a crash in between is
+    # finished by whichever replica sees the campaign next.
+    pending: Literal["refine", "deploy"] | None = None
+    next_round: int | None = None
+    winner: BenchResult | None = None  # the round's winner, to deploy now or on approval
+    approved_by: str | None = None
+    deployed_revision: int | None = None
+    reason: str = ""  # the last decision, in words
+    trace_id: str | None = None  # the trace in which the deciding round closed
+
+
+@dataclass(frozen=True)
+class Step:
+    changed: bool
+    note: str
+    decision: Decision | None = None  # set when this result completed a round
+
+
+def new_state(campaign: Campaign) -> CampaignState:
+    return CampaignState(campaign=campaign)
+
+
+def _slim(result: BenchResult) -> BenchResult:
+    # Only a correct candidate can ever be deployed; a failure's source is dead weight in the KV.
+    return result if result.status == "ok" else result.model_copy(update={"source": ""})
+
+
+def _checked(result: BenchResult) -> BenchResult:
+    """A result whose source does not hash to its id is refused here, before it can win."""
+    actual = variant_id(result.source, result.params)
+    if actual == result.variant_id:
+        return result
+    error = f"source hashes to {actual}, not to its variant id {result.variant_id}"
+    return result.model_copy(update={"status": "rejected", "error": error})
+
+
+def record(state: CampaignState | None, result: BenchResult, margin: float, require_approval: bool,
+           trace_id: str | None = None) -> tuple[CampaignState, Step]:
+    """Add one result; when it completes its round, let the gate decide what the campaign does next."""
+    state = new_state(result.campaign) if state is None else state.model_copy(deep=True)
+    if state.status != "running":
+        return state, Step(False, f"campaign {state.campaign.campaign_id} is already {state.status}")
+    received = state.results.get(result.round, {})
+    if result.variant_id in received or result.variant_id in state.tried:
+        return state, Step(False, f"variant {result.variant_id} of round {result.round} was already counted")
+    if result.round in state.closed:
+        return state, Step(False, f"round {result.round} is already closed; late result {result.variant_id} ignored")
+    received = {**received, result.variant_id: _slim(_checked(result))}
+    state.results[result.round] = received
+    if len(received) < result.round_size:
+        return state, Step(True, f"round {result.round}: {len(received)} of {result.round_size} results")
+    decision = decide(list(received.values()), margin)
+    return close_round(state, result.round, decision, require_approval, trace_id), Step(True, decision.reason, decision)
+
+
+def _scored(result: BenchResult) -> Scored:
+    return Scored(variant_id=result.variant_id, params=result.params,
+                  weighted_speedup=result.weighted_speedup, speedup_ci_low=result.speedup_ci_low)
+
+
+def close_round(state: CampaignState, round_: int, decision: Decision, require_approval: bool,
+                trace_id: str | None = None) -> CampaignState:
+    round_results = list(state.results.pop(round_).values())
+    state.rounds_done += 1
+    state.closed.append(round_)
+    state.tried += [r.variant_id for r in round_results]
+    state.failures = (state.failures + [
+        Failure(variant_id=r.variant_id, status=r.status, error=r.error, params=r.params)
+        for r in round_results if r.status != "ok"
+    ])[-KEEP_FAILURES:]
+    scored = [_scored(r) for r in round_results
+              if r.status == "ok" and r.weighted_speedup is not None and r.speedup_ci_low is not None]
+    ranked = sorted(state.best + scored, key=lambda s: (s.weighted_speedup, s.speedup_ci_low), reverse=True)
+    state.best = ranked[:KEEP_BEST]
+    state.reason = decision.reason
+    state.trace_id = trace_id or state.trace_id
+    if decision.deploy:
+        state.winner = decision.winner
+        if require_approval:
+            state.status = "awaiting_approval"
+        else:
+            state.pending, state.approved_by = "deploy", AUTO_GATE
+    elif state.rounds_done < state.campaign.budget.rounds:
+        state.pending, state.next_round = "refine", round_ + 1
+    else:
+        state.status = "exhausted"
+        state.reason = f"budget of {state.campaign.budget.rounds} rounds spent; last round: {decision.reason}"
+    return state
+
+
+def refine_event(state: CampaignState) -> Refine:
+    """The request for the next round; its id is fixed per round so a retry is de-duplicated."""
+    campaign = state.campaign
+    return Refine(
+        event_id=f"refine-{campaign.campaign_id}-{state.next_round}",
+        campaign=campaign,
+        round=state.next_round,
+        rounds_left=campaign.budget.rounds - state.rounds_done,
+        best=state.best,
+        failures=state.failures,
+        tried=state.tried,
+    )
+
+
+def mark_refined(state: CampaignState, round_: int) -> CampaignState:
+    state = state.model_copy(deep=True)
+    if state.pending == "refine" and state.next_round == round_:
+        state.pending = None
+    return state
+
+
+def grant_approval(state: CampaignState, who: str) -> CampaignState:
+    if state.status != "awaiting_approval" or state.winner is None:
+        raise ValueError(f"campaign {state.campaign.campaign_id} is {state.status}, not awaiting approval")
+    state = state.model_copy(deep=True)
+    state.status, state.pending, state.approved_by = "running", "deploy", who
+    return state
+
+
+def mark_deployed(state: CampaignState, revision: int) -> CampaignState:
+    state = state.model_copy(deep=True)
+    state.status, state.pending, state.deployed_revision = "deployed", None, revision
+    return state
+
+
+def mark_abandoned(state: CampaignState, reason: str) -> CampaignState:
+    """The winner can no longer be deployed (e.g. the incumbent it beat was replaced meanwhile)."""
+    state = state.model_copy(deep=True)
+    state.status, state.pending, state.reason = "exhausted", None, reason
+    return state
+
+
+# ---- the KV-backed store ------------------------------------------------------------------------
+
+_VALID_KEY = re.compile(r"^[-/_=a-zA-Z0-9]+(\.[-/_=a-zA-Z0-9]+)*$")
+T = TypeVar("T")
+
+
+def state_key(campaign_id: str) -> str:
+    """The KV key of a campaign; a hand-written id that is no valid key is hashed instead."""
+    if _VALID_KEY.match(campaign_id):
+        return campaign_id
+    return "c-" + hashlib.sha256(campaign_id.encode()).hexdigest()[:32]
+
+
+class CampaignStore:
+    def __init__(self, kv: KeyValue, attempts: int = 50):
+        self.kv = kv
+        self.attempts = attempts
+
+    @classmethod
+    async def open(cls, broker: NatsBroker) -> "CampaignStore":
+        return cls(await broker.key_value(subjects.CAMPAIGN_BUCKET, history=subjects.CAMPAIGN_HISTORY))
+
+    async def _read(self, campaign_id: str) -> tuple[CampaignState | None, int]:
+        try:
+            entry = await self.kv.get(state_key(campaign_id))
+        except nats.js.errors.KeyNotFoundError:
+            return None, 0
+        return CampaignState.model_validate_json(entry.value), entry.revision
+
+    async def get(self, campaign_id: str) -> CampaignState | None:
+        return (await self._read(campaign_id))[0]
+
+    async def update(self, campaign_id: str,
+                     change: Callable[[CampaignState | None], tuple[CampaignState, T]]) -> tuple[CampaignState, T]:
+        """Apply a pure transition with compare-and-set; on a conflict re-read and apply it again."""
+        for attempt in range(self.attempts):
+            old, revision = await self._read(campaign_id)
+            new, out = change(old)
+            if new == old:
+                return new, out
+            value = new.model_dump_json().encode()
+            try:
+                if revision:
+                    await self.kv.update(state_key(campaign_id), value, last=revision)
+                else:
+                    await self.kv.create(state_key(campaign_id), value)
+                return new, out
+            except nats.js.errors.KeyWrongLastSequenceError:
+                # Another replica wrote first; a short random pause keeps two from colliding again.
+                await asyncio.sleep(random.uniform(0, 0.01 * (attempt + 1)))
+        raise RuntimeError(f"campaign {campaign_id}: state kept changing under {self.attempts} attempts to update it")

@@ -1,0 +1,79 @@
+"""The gate: deploy only a correct candidate whose speedup's lower CI bound clears 1 + margin."""
+from deployer.gate import decide
+from shared.hardware import fingerprint
+from shared.ops import get_op
+from shared.schemas import BenchResult, Budget, Campaign, KernelKey, WeightedShape
+from shared.variants import render, variant_id
+
+OP = get_op("rmsnorm")
+HARDWARE = fingerprint()
+CAMPAIGN = Campaign(
+    campaign_id="c-gate",
+    key=KernelKey(hardware=HARDWARE.key, op="rmsnorm", dtype="float32", bucket="h1024-r16"),
+    profile=[WeightedShape(shape=[16, 1024], weight=1.0)],
+    budget=Budget(rounds=2, variants_per_round=3),
+)
+MARGIN = 0.02
+
+
+def bench(block: int, speedup: float | None, low: float | None, high: float | None = None, *,
+          status: str = "ok", error: str | None = None, hardware=HARDWARE) -> BenchResult:
+    params = {**OP.DEFAULT, "BLOCK": block}
+    source = render(OP.TEMPLATE, params)
+    return BenchResult(campaign=CAMPAIGN, variant_id=variant_id(source, params), source=source, params=params,
+                       strategy="grid", round=0, round_size=3, status=status, error=error,
+                       weighted_speedup=speedup, speedup_ci_low=low,
+                       speedup_ci_high=high if high is not None else (speedup and speedup + 0.05),
+                       hardware=hardware)
+
+
+def test_gate_refuses_speedup_inside_noise():
+    # A 10% median whose interval reaches down to 1.01: not beyond the 2% margin.
+    noisy = bench(1024, 1.10, 1.01, 1.19)
+    decision = decide([noisy], MARGIN)
+    assert not decision.deploy and decision.winner is None
+    assert decision.best is noisy
+    assert noisy.variant_id in decision.reason and "1.010" in decision.reason
+
+
+def test_gate_deploys_speedup_whose_lower_bound_clears_margin():
+    fast = bench(1024, 1.30, 1.21)
+    decision = decide([fast, bench(256, 0.9, 0.85)], MARGIN)
+    assert decision.deploy and decision.winner is fast
+    assert fast.variant_id in decision.reason and "1.210" in decision.reason
+
+
+def test_gate_refuses_lower_bound_exactly_at_margin():
+    assert not decide([bench(1024, 1.05, 1.0 + MARGIN)], MARGIN).deploy
+
+
+def test_gate_refuses_incorrect_and_crashed_even_with_a_speedup():
+    wrong = bench(1024, 2.0, 1.9, status="incorrect", error="max error 0.3 > 1e-5 on [3, 1000]")
+    crashed = bench(2048, 3.0, 2.9, status="crashed", error="worker exited with signal 11")
+    decision = decide([wrong, crashed], MARGIN)
+    assert not decision.deploy and decision.best is None
+    assert "1 crashed" in decision.reason and "1 incorrect" in decision.reason
+
+
+def test_gate_picks_best_weighted_speedup_of_several():
+    results = [bench(256, 1.20, 1.10), bench(1024, 1.50, 1.35), bench(2048, 1.30, 1.25),
+               bench(4096, 1.90, 0.99)]  # fastest median, but inside the noise
+    decision = decide(results, MARGIN)
+    assert decision.deploy and decision.winner is results[1]
+    assert decision.best is results[3]
+
+
+def test_gate_breaks_a_tie_on_the_higher_lower_bound():
+    loose, tight = bench(1024, 1.40, 1.10), bench(2048, 1.40, 1.30)
+    assert decide([loose, tight], MARGIN).winner is tight
+    assert decide([tight, loose], MARGIN).winner is tight
+
+
+def test_gate_refuses_speedup_measured_on_other_hardware():
+    elsewhere = HARDWARE.model_copy(update={"key": "nvidia-a10g"})
+    decision = decide([bench(1024, 1.5, 1.4, hardware=elsewhere)], MARGIN)
+    assert not decision.deploy and "nvidia-a10g" in decision.reason
+
+
+def test_gate_refuses_empty_round():
+    assert not decide([], MARGIN).deploy
