@@ -1,0 +1,103 @@
+"""Incumbent and candidate timed in one run, interleaved A B A B after a warm-up, on the same inputs;
+on CUDA by device events with L2 flushed (256 MB written) before every call, elsewhere by
+wall clock around each call. Per shape: median and IQR of the reps. Weighted speedup =
+sum w*median(incumbent) / sum w*median(candidate) with the profile's weights normalised (the
+expected time saved on the production mix); 95% CI by bootstrap, reps resampled within each shape."""
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+FLUSH_BYTES = 256 * 2**20  # larger than any current GPU's L2, so every rep starts cold
+
+
+def time_pair(incumbent: Callable, candidate: Callable, args: tuple, reps: int, warmup: int,
+              device: str) -> tuple[list[float], list[float]]:
+    """Per-rep times in us of incumbent(*args) and candidate(*args), interleaved in one run."""
+    for _ in range(warmup):
+        incumbent(*args)
+        candidate(*args)
+    if device == "cuda":
+        return _time_cuda(incumbent, candidate, args, reps)
+    return _time_wall(incumbent, candidate, args, reps)
+
+
+def _time_cuda(incumbent: Callable, candidate: Callable, args: tuple, reps: int) -> tuple[list[float], list[float]]:
+    flush = torch.empty(FLUSH_BYTES, dtype=torch.int8, device="cuda")
+    events: tuple[list, list] = ([], [])
+    for _ in range(reps):
+        for fn, out in ((incumbent, events[0]), (candidate, events[1])):
+            flush.zero_()  # outside the events: the flush is not part of the kernel's time
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(*args)
+            end.record()
+            out.append((start, end))
+    torch.cuda.synchronize()  # one sync at the end: no host round trip between reps
+    inc, cand = ([s.elapsed_time(e) * 1e3 for s, e in pairs] for pairs in events)  # ms -> us
+    return inc, cand
+
+
+def _time_wall(incumbent: Callable, candidate: Callable, args: tuple, reps: int) -> tuple[list[float], list[float]]:
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(reps):
+        for fn, out in ((incumbent, times[0]), (candidate, times[1])):
+            start = time.perf_counter()
+            fn(*args)
+            out.append((time.perf_counter() - start) * 1e6)
+    return times
+
+
+# ---- statistics (pure) --------------------------------------------------------------------------
+
+
+def median(times: Sequence[float]) -> float:
+    return float(np.median(np.asarray(times, dtype=np.float64)))
+
+
+def iqr(times: Sequence[float]) -> float:
+    q1, q3 = np.percentile(np.asarray(times, dtype=np.float64), [25, 75])
+    return float(q3 - q1)
+
+
+def weighted_speedup(incumbent_times_by_shape: Sequence[Sequence[float]],
+                     candidate_times_by_shape: Sequence[Sequence[float]], weights: Sequence[float]) -> float:
+    w = _normalised(weights)
+    inc = sum(wi * median(t) for wi, t in zip(w, incumbent_times_by_shape))
+    cand = sum(wi * median(t) for wi, t in zip(w, candidate_times_by_shape))
+    return inc / cand
+
+
+def speedup_ci(incumbent_times_by_shape: Sequence[Sequence[float]],
+               candidate_times_by_shape: Sequence[Sequence[float]], weights: Sequence[float],
+               n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:
+    """(weighted speedup, CI low, CI high): percentile bootstrap, 95%, reps resampled per shape."""
+    if not (len(incumbent_times_by_shape) == len(candidate_times_by_shape) == len(weights)):
+        raise ValueError("one list of incumbent times, one of candidate times and one weight per shape")
+    w = _normalised(weights)
+    rng = np.random.default_rng(seed)
+    inc_total = np.zeros(n_boot)
+    cand_total = np.zeros(n_boot)
+    for wi, inc, cand in zip(w, incumbent_times_by_shape, candidate_times_by_shape):
+        inc_total += wi * _boot_medians(np.asarray(inc, dtype=np.float64), n_boot, rng)
+        cand_total += wi * _boot_medians(np.asarray(cand, dtype=np.float64), n_boot, rng)
+    ratios = inc_total / cand_total
+    low, high = np.percentile(ratios, [2.5, 97.5])
+    point = weighted_speedup(incumbent_times_by_shape, candidate_times_by_shape, weights)
+    return point, float(low), float(high)
+
+
+def _boot_medians(times: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    # times: [reps] -> medians: [n_boot], each over a resample with replacement of the reps
+    if times.size == 0:
+        raise ValueError("no timed reps for a shape")
+    picks = rng.integers(0, times.size, size=(n_boot, times.size))
+    return np.median(times[picks], axis=1)
+
+
+def _normalised(weights: Sequence[float]) -> list[float]:
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError("profile weights must sum to a positive number")
+    return [float(x) / total for x in weights]

@@ -1,0 +1,168 @@
+"""The correctness check: the baseline passes; variants with the usual kernel bugs fail, and the
+message says on which shape and trial."""
+import pytest
+import torch
+
+from benchmarker.check import check, output_problem, relative_error
+from shared.hardware import device
+from shared.ops import rmsnorm, torch_dtype
+from shared.variants import load, render, variant_id
+
+PROFILE = [[4, 256]]
+
+# ---- small variants, written out so each bug is visible -----------------------------------------
+
+GOOD = '''
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms(X, W, Y, n_cols, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(X + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+    tl.store(Y + row * n_cols + cols, (x * rstd * w).to(Y.dtype.element_ty), mask=mask)
+
+
+def launch(x, weight, eps=1e-6):
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()  # x2: [rows, hidden]
+    y = torch.empty_like(x2)
+    _rms[(x2.shape[0],)](x2, weight, y, x2.shape[1], eps, BLOCK=triton.next_power_of_2(x2.shape[1]))
+    return y.reshape(x.shape)
+'''
+
+
+def _edit(source: str, old: str, new: str) -> str:
+    assert old in source, f"test source lacks {old!r}"
+    return source.replace(old, new)
+
+
+FORGETS_WEIGHT = _edit(GOOD, "(x * rstd * w)", "(x * rstd)")
+NAN_OUTPUT = _edit(GOOD, "tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)", "tl.sqrt(-tl.sum(x * x, axis=0) / n_cols)")
+WRITES_INPUT = _edit(_edit(GOOD, "y = torch.empty_like(x2)", "y = x2"), "return y.reshape(x.shape)", "return x2.clone().reshape(x.shape)")
+# Two rows per program and a grid that rounds down: the last row of an odd row count is never written.
+ROWS_PAIRED = '''
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms(X, W, Y, n_cols, eps, BLOCK: tl.constexpr):
+    for r in tl.static_range(2):
+        row = tl.program_id(0) * 2 + r
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        x = tl.load(X + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+        tl.store(Y + row * n_cols + cols, (x * rstd * w).to(Y.dtype.element_ty), mask=mask)
+
+
+def launch(x, weight, eps=1e-6):
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()  # x2: [rows, hidden]
+    y = torch.empty_like(x2)
+    _rms[(x2.shape[0] // 2,)](x2, weight, y, x2.shape[1], eps, BLOCK=triton.next_power_of_2(x2.shape[1]))
+    return y.reshape(x.shape)
+'''
+# Whole blocks only: a row whose length is not a multiple of BLOCK loses its tail, in the sum and the output.
+DROPS_TAIL = '''
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms(X, W, Y, n_cols, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for off in range(0, n_cols - BLOCK + 1, BLOCK):
+        x = tl.load(X + row * n_cols + off + tl.arange(0, BLOCK)).to(tl.float32)
+        acc += x * x
+    rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / n_cols + eps)
+    for off in range(0, n_cols - BLOCK + 1, BLOCK):
+        cols = off + tl.arange(0, BLOCK)
+        x = tl.load(X + row * n_cols + cols).to(tl.float32)
+        w = tl.load(W + cols).to(tl.float32)
+        tl.store(Y + row * n_cols + cols, (x * rstd * w).to(Y.dtype.element_ty))
+
+
+def launch(x, weight, eps=1e-6):
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()  # x2: [rows, hidden]
+    y = torch.zeros_like(x2)
+    _rms[(x2.shape[0],)](x2, weight, y, x2.shape[1], eps, BLOCK=64)
+    return y.reshape(x.shape)
+'''
+
+
+def _launcher(source: str, tmp_path, params=None):
+    params = params or {}
+    return load(source, params, variant_id(source, params), tmp_path)
+
+
+def _check(source: str, tmp_path, dtype: str = "float16", params=None):
+    return check(_launcher(source, tmp_path, params), rmsnorm, torch_dtype(dtype), PROFILE, device(), trials=2, seed=7)
+
+
+# ---- the check ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_baseline_variant_passes_in_every_dtype(dtype, tmp_path):
+    ok, message = _check(render(rmsnorm.TEMPLATE, rmsnorm.DEFAULT), tmp_path, dtype, rmsnorm.DEFAULT)
+    assert ok, message
+
+
+def test_small_correct_variant_passes(tmp_path):
+    ok, message = _check(GOOD, tmp_path)
+    assert ok, message
+
+
+def test_variant_that_forgets_the_weight_fails_with_shape_trial_and_error(tmp_path):
+    ok, message = _check(FORGETS_WEIGHT, tmp_path)
+    assert not ok
+    assert "shape 3x1000" in message and "trial 0" in message and "error" in message
+
+
+def test_variant_returning_nan_fails(tmp_path):
+    ok, message = _check(NAN_OUTPUT, tmp_path)
+    assert not ok
+    assert "non-finite" in message
+
+
+def test_variant_that_skips_the_last_row_of_an_odd_row_count_fails(tmp_path):
+    ok, message = _check(ROWS_PAIRED, tmp_path)
+    assert not ok
+    assert "shape 3x1000" in message
+
+
+def test_variant_that_drops_the_column_tail_fails(tmp_path):
+    ok, message = _check(DROPS_TAIL, tmp_path)
+    assert not ok
+    assert "shape 3x1000" in message  # 1000 = 15 blocks of 64 + a tail of 40
+
+
+def test_variant_that_writes_into_its_input_fails(tmp_path):
+    ok, message = _check(WRITES_INPUT, tmp_path)
+    assert not ok
+    assert "inputs" in message
+
+
+def test_one_wrong_row_is_not_hidden_by_a_large_tensor():
+    ref = torch.ones(4096, 64)
+    out = ref.clone()
+    out[-1, -8:] = 2.0  # 8 wrong elements of 262144: small over the whole tensor, large in their row
+    assert relative_error(out, ref) > 0.1
+
+
+def test_wrong_shape_and_dtype_are_reported_before_values():
+    ref = torch.ones(3, 4)
+    assert "shape" in output_problem(torch.ones(4, 3), ref)
+    assert "dtype" in output_problem(torch.ones(3, 4, dtype=torch.float16), ref)
+    assert "not a tensor" in output_problem(None, ref)
+    assert output_problem(ref.clone(), ref) is None
