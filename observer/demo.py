@@ -1,0 +1,154 @@
+"""The demo workload: RMSNorm on one shape, then its usage shifts to another. It runs until the loop
+has deployed a kernel for the new shape and that kernel has served two windows (or a deadline), and
+returns what each key cost per call before and after its deploy."""
+import argparse
+import logging
+import queue
+import time
+
+from observer.hotswap import DeployRecord
+from observer.runtime import Runtime
+from observer.sdk import observe, ops
+from shared import hardware
+from shared.ops import get_op, torch_dtype
+from shared.schemas import KernelStats
+from shared.settings import Settings
+from shared.telemetry import setup_tracing
+
+OP = "rmsnorm"
+SHAPES = ([8, 2048], [16, 4096])  # decode-sized rows, then a wider model with more rows
+
+
+def _per_call_us(windows: list[KernelStats]) -> float | None:
+    calls = sum(w.sampled_calls for w in windows)
+    return sum(w.sampled_time_us for w in windows) / calls if calls else None
+
+
+def _duration(us: float) -> str:
+    return f"{us:7.1f} us" if us < 1e3 else f"{us / 1e3:7.1f} ms"
+
+
+def _describe(stats: KernelStats, interpreter: bool) -> str:
+    per_call = f"{_duration(stats.time_us_per_call)}/call" if stats.time_us_per_call else "    (no sample)"
+    where = " (interpreter)" if interpreter else ""
+    return (f"window {stats.window_start:%H:%M:%S}  {stats.key.bucket:<12} {stats.calls:4d} calls  "
+            f"{per_call}{where}  served by {stats.variant_id or 'fallback'}")
+
+
+def summarise(windows: list[KernelStats], deploys: list[DeployRecord], keys: list[str],
+              interpreter: bool) -> dict:
+    """Per key: calls, time per call served by the fallback and by the (last) deployed variant."""
+    rows = []
+    for key in keys:
+        mine = [w for w in windows if str(w.key) == key]
+        deploy = next((d for d in reversed(deploys) if d.key == key), None)
+        before = _per_call_us([w for w in mine if w.variant_id is None])
+        after = _per_call_us([w for w in mine if deploy and w.variant_id == deploy.variant_id])
+        rows.append({
+            "key": key,
+            "calls": sum(w.calls for w in mine),
+            "before_us_per_call": before,
+            "after_us_per_call": after,
+            "measured_speedup": before / after if before and after else None,
+            "variant_id": deploy.variant_id if deploy else None,
+            "speedup": deploy.speedup if deploy else None,
+            "campaign_id": deploy.campaign_id if deploy else None,
+            "trace_id": deploy.trace_id if deploy else None,
+        })
+    return {"op": OP, "interpreter": interpreter, "keys": rows}
+
+
+def format_summary(summary: dict) -> str:
+    """A markdown table of summarise()'s result."""
+    def us(v: float | None) -> str:
+        return f"{v:,.0f}" if v is not None else "-"
+
+    def x(v: float | None) -> str:
+        return f"{v:.2f}x" if v is not None else "-"
+
+    lines = ["| key | calls | before us/call (fallback) | after us/call | variant | speedup (benchmark) "
+             "| speedup (served) | trace |", "|---|---:|---:|---:|---|---:|---:|---|"]
+    for r in summary["keys"]:
+        lines.append(f"| {r['key']} | {r['calls']} | {us(r['before_us_per_call'])} | {us(r['after_us_per_call'])} "
+                     f"| {r['variant_id'] or 'none deployed'} | {x(r['speedup'])} | {x(r['measured_speedup'])} "
+                     f"| {r['trace_id'] or '-'} |")
+    if summary["interpreter"]:
+        lines.append("\nTimes measure the Triton interpreter on the CPU, not a GPU: they show the loop "
+                     "working, not GPU kernel speed.")
+    return "\n".join(lines)
+
+
+def run_demo(runtime: Runtime, phase_s: float = 60.0, shapes=SHAPES, dtype: str = "float16",
+             deadline_s: float = 900.0, calls_per_window: int = 30, echo=print) -> dict:
+    """Phase 1 calls ops.rmsnorm on shapes[0] for phase_s; phase 2 on shapes[1] until its key's
+    deployed variant has served two windows, or deadline_s into phase 2. Returns summarise()'s dict."""
+    op = get_op(OP)
+    interpreter = hardware.interpreted()
+    device = hardware.device()
+    windows: list[KernelStats] = []
+    arrived: queue.Queue = queue.Queue()
+    runtime.window_listeners.append(arrived.put)
+    keys = [runtime.dispatcher.key(OP, dtype, op.shape_bucket(s)) for s in shapes]
+    pause_s = runtime.window_s / calls_per_window  # paced, so the workload leaves the CPU to others
+
+    def drain() -> None:
+        while not arrived.empty():
+            for stats in arrived.get_nowait():
+                windows.append(stats)
+                echo(_describe(stats, interpreter))
+
+    def served_windows(key: str) -> int:
+        deploy = next((d for d in reversed(runtime.deploys) if d.key == key), None)
+        if deploy is None or runtime.dispatcher.serving(key) != deploy.variant_id:
+            return 0
+        return sum(1 for w in windows if str(w.key) == key and w.variant_id == deploy.variant_id)
+
+    try:
+        for phase, (shape, key) in enumerate(zip(shapes, keys), start=1):
+            last = phase == len(shapes)
+            echo(f"phase {phase}: {OP} {shape} {dtype} ({key})")
+            x, weight = op.make_inputs(shape, torch_dtype(dtype), device, seed=phase)
+            ops.rmsnorm(x, weight)  # the phase's clock starts after a first call, which may load a kernel
+            until = time.monotonic() + (deadline_s if last else phase_s)
+            while time.monotonic() < until:
+                started = time.monotonic()
+                ops.rmsnorm(x, weight)
+                drain()
+                if last and served_windows(key) >= 2:
+                    break
+                time.sleep(max(0.0, pause_s - (time.monotonic() - started)))
+            else:
+                if last:
+                    echo(f"phase {phase}: deadline of {deadline_s:.0f} s passed before a deploy served {key}")
+    finally:
+        runtime.window_listeners.remove(arrived.put)
+    drain()
+    return summarise(windows, list(runtime.deploys), keys, interpreter)
+
+
+def _shape(text: str) -> list[int]:
+    return [int(d) for d in text.lower().split("x")]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m observer.demo", description=__doc__)
+    parser.add_argument("--phase-s", type=float, default=60.0, help="length of phase 1")
+    parser.add_argument("--deadline-s", type=float, default=900.0, help="longest phase 2 waits for a deploy")
+    parser.add_argument("--shapes", type=_shape, nargs=2, default=list(SHAPES), metavar="ROWSxHIDDEN")
+    parser.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"])
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    settings = Settings()
+    provider = setup_tracing("workload", settings.traces_dir, settings.otel_exporter_otlp_endpoint)
+    runtime = observe()
+    try:
+        summary = run_demo(runtime, args.phase_s, args.shapes, args.dtype, args.deadline_s)
+    finally:
+        runtime.close()
+        provider.shutdown()
+    print(format_summary(summary))
+    return 0 if all(r["variant_id"] for r in summary["keys"][-1:]) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
