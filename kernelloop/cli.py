@@ -11,6 +11,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from shared import subjects, traces
+from shared.interpreter import use_interpreter_without_gpu
 from shared.schemas import BY_SUBJECT, Event, RegistryEntry
 from shared.settings import Settings
 
@@ -146,7 +147,12 @@ def cmd_up(args, settings: Settings) -> int:
     if args.demo:
         from observer.demo import run_demo_loop
 
-        return run_demo_loop(settings, nats_url=None if args.embedded else _given_url())
+        signal.signal(signal.SIGTERM, _interrupt)  # stop the services as Ctrl-C would
+        try:
+            return run_demo_loop(settings, nats_url=None if args.embedded else _given_url(), phase_s=args.phase_s,
+                                 shapes=args.shapes, dtype=args.dtype, deadline_s=args.deadline_s)
+        except KeyboardInterrupt:
+            return 130
     loop = supervisor.start(settings.state_dir, nats_url=_given_url())
     print(f"kernelloop up: NATS at {loop.nats_url}; services {', '.join(loop.processes)}; "
           f"logs in {settings.state_dir / 'logs'}; Ctrl-C stops")
@@ -166,6 +172,17 @@ def cmd_up(args, settings: Settings) -> int:
     return 0
 
 
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
+def _shape(text: str) -> list[int]:
+    try:
+        return [int(d) for d in text.lower().split("x")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape {text!r} is not ROWSxHIDDEN, e.g. 16x4096") from None
+
+
 def _given_url() -> str | None:
     import os
 
@@ -178,6 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     up = sub.add_parser("up", help="start NATS (unless NATS_URL is set) and the five services")
     up.add_argument("--demo", action="store_true", help="also run the demo workload, and stop when it ends")
     up.add_argument("--embedded", action="store_true", help="with --demo: ignore NATS_URL, use a fresh embedded server")
+    up.add_argument("--phase-s", type=float, default=45.0, help="with --demo: seconds of the first usage phase")
+    up.add_argument("--deadline-s", type=float, default=480.0, help="with --demo: longest wait for the second deploy")
+    up.add_argument("--shapes", type=_shape, nargs=2, default=[[8, 2048], [16, 4096]], metavar="ROWSxHIDDEN",
+                    help="with --demo: the shape before and after the shift")
+    up.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"], help="with --demo")
     pub = sub.add_parser("publish", help="validate an event and publish it")
     pub.add_argument("subject", choices=sorted(BY_SUBJECT))
     pub.add_argument("file", help="a JSON file, or - for standard input")
@@ -189,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     for p in (pub, tr, sub.choices["status"]):
         p.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
+    use_interpreter_without_gpu()  # before any Triton kernel module is imported
     settings = Settings()
     handler = {"up": cmd_up, "publish": cmd_publish, "schema": cmd_schema, "trace": cmd_trace, "status": cmd_status}
     return handler[args.command](args, settings)

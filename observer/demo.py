@@ -126,6 +126,66 @@ def run_demo(runtime: Runtime, phase_s: float = 60.0, shapes=SHAPES, dtype: str 
     return summarise(windows, list(runtime.deploys), keys, interpreter)
 
 
+# The loop's pace for the demo: short windows and modest repetitions, so a campaign on the
+# interpreter finishes in minutes. Anything already set in the environment wins.
+DEMO_ENV = {"KERNELLOOP_WINDOW_S": "2", "KERNELLOOP_CONFIRM_WINDOWS": "2", "KERNELLOOP_BENCH_REPS": "10",
+            "KERNELLOOP_VARIANTS_PER_ROUND": "8", "KERNELLOOP_ROUNDS": "2"}
+
+
+def run_demo_loop(settings: Settings, nats_url: str | None = None, phase_s: float = 45.0, shapes=SHAPES,
+                  dtype: str = "float16", deadline_s: float = 480.0, echo=print) -> int:
+    """`kernelloop up --demo`: NATS (embedded and empty unless nats_url is given), the five services
+    as processes, and the demo workload in this process; writes <state>/demo-summary.json."""
+    import json
+    import os
+    import shutil
+
+    from shared import supervisor, traces
+    from shared.telemetry import read_spans
+
+    state_dir = settings.state_dir.resolve()
+    if nats_url is None:
+        shutil.rmtree(state_dir / "nats", ignore_errors=True)  # a demo starts from an empty registry
+    env = {k: os.environ.get(k, v) for k, v in DEMO_ENV.items()}
+    window_s = float(env["KERNELLOOP_WINDOW_S"])
+    loop = supervisor.start(state_dir, nats_url=nats_url, env=env)
+    echo(f"kernelloop demo: NATS at {loop.nats_url}; services {', '.join(loop.processes)}; logs in {state_dir / 'logs'}")
+
+    def watched(line: str) -> None:
+        echo(line)
+        if dead := loop.dead():
+            raise RuntimeError(f"{', '.join(dead)} exited; see {state_dir / 'logs'}")
+
+    # The observer SDK in this workload is the observer's part of each campaign's trace (the swap).
+    provider = setup_tracing("observer", settings.traces_dir, settings.otel_exporter_otlp_endpoint)
+    # One call in four timed: interpreted calls are slow, so windows hold few calls.
+    runtime = observe(nats_url=loop.nats_url, window_s=window_s, sample_every=4, state_dir=state_dir)
+    try:
+        summary = run_demo(runtime, phase_s, shapes, dtype, deadline_s, echo=watched)
+    finally:
+        runtime.close()
+        provider.force_flush()
+        time.sleep(1.0)  # the services export spans every 0.5 s
+        loop.stop()
+    spans = read_spans(settings.traces_dir)
+    deploys = [{**row, "trace_services": traces.services_in(spans, row["trace_id"]) if row["trace_id"] else []}
+               for row in summary["keys"] if row["variant_id"]]
+    fp = hardware.fingerprint()
+    result = {"device": fp.name, "interpreter": fp.interpreter,
+              "fallback": ("baseline Triton kernel (template default config) in the interpreter"
+                           if fp.interpreter else "torch reference"),
+              "deploys": deploys, "keys": summary["keys"]}
+    (state_dir / "demo-summary.json").write_text(json.dumps(result, indent=2, default=str))
+    echo("")
+    echo(format_summary(summary))
+    echo(f"\ncompared with: {result['fallback']}; device: {fp.name}")
+    for d in deploys:
+        echo(f"trace {d['trace_id']} ({d['key']}): services {', '.join(d['trace_services'])}"
+             f"  -> kernelloop trace {d['campaign_id']}")
+    echo(f"summary written to {state_dir / 'demo-summary.json'}")
+    return 0 if deploys else 1
+
+
 def _shape(text: str) -> list[int]:
     return [int(d) for d in text.lower().split("x")]
 

@@ -129,7 +129,7 @@ class HotSwap:
             return self._refuse(key, f"not a registry entry: {e}")
         if self.dispatcher.serving(key) == entry.variant_id:
             return
-        with tracer.start_as_current_span("deploy", context=_campaign_context(entry.trace_id)) as span:
+        with tracer.start_as_current_span("swap", context=_campaign_context(entry.trace_id)) as span:
             span.set_attributes({"campaign_id": entry.campaign_id, "op": kernel_key.op,
                                  "kernel_key": key, "variant_id": entry.variant_id})
             try:

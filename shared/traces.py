@@ -35,6 +35,10 @@ def services_in(spans: list[dict], trace_id: str) -> list[str]:
     return sorted({s["service"] for s in spans_of(spans, trace_id)})
 
 
+def _short(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
 def format_tree(spans: list[dict], trace_id: str, width: int = 30) -> str:
     mine = sorted(spans_of(spans, trace_id), key=lambda s: s["start_ns"])
     if not mine:
@@ -57,7 +61,8 @@ def format_tree(spans: list[dict], trace_id: str, width: int = 30) -> str:
         start, end = span["start_ns"] - t0, (span["end_ns"] or span["start_ns"]) - t0
         lo, hi = int(start / total * width), max(int(end / total * width), int(start / total * width) + 1)
         bar = " " * lo + "█" * (hi - lo) + " " * (width - hi)
-        attrs = " ".join(f"{k}={span['attributes'][k]}" for k in SHOWN if k in span["attributes"] and k != "campaign_id")
+        attrs = " ".join(f"{k}={_short(span['attributes'][k])}" for k in SHOWN
+                         if k in span["attributes"] and k != "campaign_id")
         name = "  " * depth + span["name"]
         flag = " !" if span.get("status") == "ERROR" else ""
         lines.append(f"|{bar}| {(end - start) / 1e6:9.1f} ms  {span['service']:<11} {name}{flag}  {attrs}".rstrip())
