@@ -70,7 +70,8 @@ def cmd_publish(args, settings: Settings) -> int:
         try:
             seq = asyncio.run(_publish(settings.nats_url, args.subject, event, headers))
         except Exception as e:  # no server, no stream: say so plainly
-            return _fail(f"could not publish to {settings.nats_url}: {e}", 1)
+            hint = " (is the loop up? `kernelloop up` declares the stream)" if "no response from stream" in str(e) else ""
+            return _fail(f"could not publish to {settings.nats_url}: {e}{hint}", 1)
     provider.shutdown()
     print(json.dumps({"subject": args.subject, "event_id": event.event_id, "stream_seq": seq, "trace_id": trace_id})
           if args.json else f"published {args.subject} event {event.event_id} (stream seq {seq}); trace {trace_id}")
@@ -154,7 +155,12 @@ def cmd_up(args, settings: Settings) -> int:
         except KeyboardInterrupt:
             return 130
     loop = supervisor.start(settings.state_dir, nats_url=_given_url())
-    print(f"kernelloop up: NATS at {loop.nats_url}; services {', '.join(loop.processes)}; "
+    try:
+        loop.wait_ready()
+    except (RuntimeError, TimeoutError) as e:
+        loop.stop()
+        return _fail(str(e), 1)
+    print(f"kernelloop up: ready. NATS at {loop.nats_url}; services {', '.join(loop.processes)}; "
           f"logs in {settings.state_dir / 'logs'}; Ctrl-C stops")
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))

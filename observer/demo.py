@@ -149,6 +149,11 @@ def run_demo_loop(settings: Settings, nats_url: str | None = None, phase_s: floa
     env = {k: os.environ.get(k, v) for k, v in DEMO_ENV.items()}
     window_s = float(env["KERNELLOOP_WINDOW_S"])
     loop = supervisor.start(state_dir, nats_url=nats_url, env=env)
+    try:
+        loop.wait_ready()
+    except BaseException:
+        loop.stop()
+        raise
     echo(f"kernelloop demo: NATS at {loop.nats_url}; services {', '.join(loop.processes)}; logs in {state_dir / 'logs'}")
 
     def watched(line: str) -> None:

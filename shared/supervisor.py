@@ -1,5 +1,6 @@
 """Start the loop on one machine: an embedded nats-server (unless a NATS URL is given) and the five
 services as separate processes; stop them all, in order, on request or when one dies."""
+import asyncio
 import os
 import signal
 import subprocess
@@ -8,7 +9,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared import nats_server
+import nats
+from nats.js.errors import NotFoundError
+
+from shared import nats_server, subjects
 
 SERVICES = ("observer", "detector", "generator", "benchmarker", "deployer")
 
@@ -22,6 +26,11 @@ class Loop:
 
     def dead(self) -> list[str]:
         return [name for name, p in self.processes.items() if p.poll() is not None]
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Block until the stream and every stage's durable consumer exist, i.e. events published now
+        are kept and each stage will see them."""
+        asyncio.run(_wait_ready(self.nats_url, self, timeout))
 
     def stop(self, timeout: float = 15.0) -> None:
         # SIGTERM lets each service finish the message in hand (FastStream drains), then the server.
@@ -62,3 +71,25 @@ def start(state_dir: Path, nats_url: str | None = None, env: dict[str, str] | No
         loop.stop()
         raise
     return loop
+
+
+async def _wait_ready(nats_url: str, loop: Loop, timeout: float) -> None:
+    nc = await nats.connect(nats_url, connect_timeout=5)
+    try:
+        js = nc.jetstream()
+        deadline = time.monotonic() + timeout
+        missing = set(subjects.DURABLE.values())
+        while missing:
+            if dead := loop.dead():
+                raise RuntimeError(f"{', '.join(dead)} exited before the loop was ready; see {loop.state_dir / 'logs'}")
+            for durable in list(missing):
+                try:
+                    await js.consumer_info(subjects.STREAM_NAME, durable)
+                    missing.discard(durable)
+                except NotFoundError:
+                    pass
+            if missing and time.monotonic() > deadline:
+                raise TimeoutError(f"not ready within {timeout:.0f} s: no consumer {', '.join(sorted(missing))}")
+            await asyncio.sleep(0.2)
+    finally:
+        await nc.close()
