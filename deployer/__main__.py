@@ -1,22 +1,5 @@
-"""`python -m deployer`: run the deployer against the NATS named by NATS_URL."""
-import asyncio
-import logging
-
-from deployer.app import build_app
-from shared.settings import Settings
-from shared.telemetry import setup_tracing
-
-
-def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    settings = Settings()
-    provider = setup_tracing("deployer", settings.traces_dir, settings.otel_exporter_otlp_endpoint)
-    app = build_app(settings, provider)
-    try:
-        asyncio.run(app.run())
-    finally:
-        provider.shutdown()  # flush the last spans
-
+"""`python -m deployer`: run the deployer service against the NATS named by NATS_URL."""
+from shared.service import run_service
 
 if __name__ == "__main__":
-    main()
+    run_service("deployer")
