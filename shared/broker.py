@@ -6,7 +6,7 @@ from faststream.nats.opentelemetry import NatsTelemetryMiddleware
 from nats.js.api import StorageType
 from opentelemetry.trace import TracerProvider
 
-from shared import subjects
+from shared import deadletters, subjects
 from shared.schemas import Event
 
 # Every service declares the stream with exactly this config: the server refuses a second
@@ -30,15 +30,19 @@ STREAM = stream()  # for publishers' AsyncAPI declarations
 
 
 def make_broker(nats_url: str, tracer_provider: TracerProvider | None = None) -> tuple[NatsBroker, FastStream]:
+    # Telemetry outermost, so a failed message's span records the error before it is handled.
     middlewares = [NatsTelemetryMiddleware(tracer_provider=tracer_provider)] if tracer_provider else []
+    middlewares.append(deadletters.middleware())
     broker = NatsBroker(nats_url, middlewares=middlewares, max_reconnect_attempts=-1)
     return broker, FastStream(broker)
 
 
-def durable_subscriber(broker: NatsBroker, subject: str, *, ack_wait_s: float = 60.0, max_deliver: int = 5):
+def durable_subscriber(broker: NatsBroker, subject: str, *, ack_wait_s: float = 60.0,
+                       max_deliver: int = deadletters.MAX_DELIVER):
     """A pull consumer shared by every replica of a stage: a work queue with explicit ack.
 
-    A handler that raises is nacked and redelivered (up to max_deliver); ack_wait must exceed the
+    A handler that raises is retried with back-off and dead-lettered after its last delivery; an
+    invalid message is dead-lettered at once (shared/deadletters.py). ack_wait must exceed the
     longest piece of work, or the server hands the message to another replica meanwhile."""
     return broker.subscriber(
         subject,

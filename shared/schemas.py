@@ -100,6 +100,9 @@ class Campaign(Model):
     incumbent: Incumbent = Field(default_factory=Incumbent)
     budget: Budget = Field(default_factory=Budget)
     hints: list[str] = Field(default_factory=list)
+    # The key's share of its op's time when the campaign started (None: not measured); the
+    # deployer's manual_above policy asks a person when it is at least the approval share.
+    time_share: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
 
 
 class Hardware(Model):
@@ -167,6 +170,10 @@ class UsageChanged(Event):
     # hypothesis stage fills it from what it has seen, or from the op's example shapes.
     profile: list[WeightedShape] = Field(default_factory=list)
     budget: Budget | None = None
+    # What served the key in the `after` windows (None: the op's fallback), and for a regression
+    # whether it followed a deploy of that variant: then the deployer answers with a rollback.
+    variant_id: str | None = None
+    after_deploy: bool = False
 
 
 class Hypothesis(Event):
@@ -243,6 +250,41 @@ class Deploy(Event):
     trace_id: str | None = None  # the campaign's trace, for `kernelloop trace`
 
 
+class DeployPending(Event):
+    """A winner the deploy policy holds for a person: approve or reject it on deploy.approval."""
+
+    campaign_id: str
+    key: KernelKey
+    variant_id: str
+    previous_variant_id: str | None = None
+    speedup: float
+    speedup_ci_low: float
+    time_share: float | None = None
+    policy: str  # why it waits, in words
+    trace_id: str | None = None
+
+
+class DeployApproval(Event):
+    """A person's decision on a pending deploy; any client may publish it."""
+
+    campaign_id: str = Field(min_length=1)
+    decision: Literal["approve", "reject"]
+    by: str = Field(min_length=1, max_length=128)  # who decided, as shown on the trace and in the registry
+    reason: str = ""
+
+
+class DeadLetter(Event):
+    """A message a stage gave up on: malformed, invalid, or failing past its last delivery."""
+
+    subject: str  # where it was published
+    consumer: str  # which stage gave up
+    reason: str  # names the field or the error
+    deliveries: int = Field(ge=1)
+    stream_seq: int | None = None
+    payload: str  # the message as received (undecodable bytes escaped), cut to a few KB
+    original_event_id: str | None = None  # its Nats-Msg-Id, when it had one
+
+
 class RegistryEntry(Model):
     """The value of a registry key: what serves it, and why."""
 
@@ -274,4 +316,6 @@ BY_SUBJECT: dict[str, type[Event]] = {
     subjects.REFINE: Refine,
     subjects.DEPLOY: Deploy,
     subjects.PROFILER_TRACE: ProfilerTrace,
+    subjects.DEPLOY_PENDING: DeployPending,
+    subjects.DEPLOY_APPROVAL: DeployApproval,
 }

@@ -10,8 +10,14 @@ BENCH_RESULT = "bench.result"
 REFINE = "refine"
 DEPLOY = "deploy"
 PROFILER_TRACE = "profiler.trace"  # raw PyTorch profiler traces for the observer service
+DEPLOY_PENDING = "deploy.pending"  # a winner held for a person's approval
+DEPLOY_APPROVAL = "deploy.approval"  # a person's approve or reject of a pending deploy
 
-ALL = [KERNEL_STATS, USAGE_CHANGED, HYPOTHESIS, VARIANT_READY, BENCH_RESULT, REFINE, DEPLOY, PROFILER_TRACE]
+# A message a stage cannot use goes to dead.<its subject>, with the reason (shared/broker.py).
+DEAD_LETTER_PREFIX = "dead"
+
+ALL = [KERNEL_STATS, USAGE_CHANGED, HYPOTHESIS, VARIANT_READY, BENCH_RESULT, REFINE, DEPLOY, PROFILER_TRACE,
+       DEPLOY_PENDING, DEPLOY_APPROVAL, f"{DEAD_LETTER_PREFIX}.>"]
 
 # JetStream key-value buckets.
 REGISTRY_BUCKET = "kernelloop-registry"    # <hardware>.<op>.<dtype>.<bucket> -> RegistryEntry
@@ -19,6 +25,12 @@ CAMPAIGN_BUCKET = "kernelloop-campaigns"   # campaign_id -> deployer's round sta
 # Every creator of a bucket uses these histories: the server refuses a re-declaration that differs.
 REGISTRY_HISTORY = 16  # deploys kept per key, for rollback
 CAMPAIGN_HISTORY = 1
+PROGRAM_BUCKET = "kernelloop-programs"     # generator's program database, campaigns and bandit
+PROGRAM_HISTORY = 1
+OPS_BUCKET = "kernelloop-ops"              # user-added ops (KernelBench-format source) by name
+OPS_HISTORY = 4
+# The generator's second consumer of bench.result: verdicts into its program database.
+GENERATOR_RESULTS_DURABLE = "generator-results"
 
 # Durable consumer names, one per consuming stage; replicas of a stage share it (a work queue).
 DURABLE = {
