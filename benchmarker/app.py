@@ -9,7 +9,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Tracer, TracerProvider
 
 from shared import subjects
-from shared.broker import durable_subscriber, make_broker, publish
+from shared.broker import durable_subscriber, make_broker, publish, stream
 from shared.schemas import BenchResult, VariantReady
 from shared.settings import Settings
 
@@ -17,17 +17,14 @@ from benchmarker.worker import Stage, abort_all, benchmark, prepare
 
 log = logging.getLogger("kernelloop.benchmarker")
 
-# The worker's deadline starts once the fork server is up; this covers its start-up and the
-# summary, so the server never hands a variant that is still being measured to another replica.
-ACK_MARGIN_S = 120.0
-
 
 def build_app(settings: Settings, tracer_provider: TracerProvider | None = None) -> FastStream:
     broker, app = make_broker(settings.nats_url, tracer_provider)
+    broker.publisher(subjects.BENCH_RESULT, stream=stream())  # declared for the AsyncAPI document
     tracer = trace.get_tracer("kernelloop.benchmarker", tracer_provider=tracer_provider)
     cache_dir = settings.state_dir / "variants"
 
-    @durable_subscriber(broker, subjects.VARIANT_READY, ack_wait_s=settings.bench_timeout_s + ACK_MARGIN_S)
+    @durable_subscriber(broker, subjects.VARIANT_READY)  # heartbeats hold the message while it runs
     async def on_variant_ready(variant: VariantReady) -> None:
         result = await benchmark_traced(tracer, variant, settings.bench_reps, settings.bench_timeout_s, cache_dir)
         await publish(broker, subjects.BENCH_RESULT, result)
@@ -43,7 +40,8 @@ async def benchmark_traced(tracer: Tracer, variant: VariantReady, reps: int, tim
     the worker's stages as child spans placed at the times the worker reported."""
     key = variant.campaign.key
     attributes = {"campaign_id": variant.campaign.campaign_id, "op": key.op, "kernel_key": str(key),
-                  "variant_id": variant.variant_id, "strategy": variant.strategy, "round": variant.round}
+                  "bucket": key.bucket, "variant_id": variant.variant_id, "strategy": variant.strategy,
+                  "round": variant.round}
     with tracer.start_as_current_span("benchmark", attributes=attributes) as span:
         stages: list[Stage] = []
         result = await asyncio.to_thread(benchmark, variant, reps, timeout_s, cache_dir, stages.append)

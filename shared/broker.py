@@ -1,6 +1,8 @@
 """make_broker(service): a NatsBroker with tracing, the one shared stream, and durable pull
 subscribers that ack only after the handler's work is done."""
-from faststream import AckPolicy, FastStream
+import asyncio
+
+from faststream import AckPolicy, BaseMiddleware, FastStream
 from faststream.nats import ConsumerConfig, JStream, NatsBroker, PullSub
 from faststream.nats.opentelemetry import NatsTelemetryMiddleware
 from nats.js.api import StorageType
@@ -32,18 +34,46 @@ STREAM = stream()  # for publishers' AsyncAPI declarations
 def make_broker(nats_url: str, tracer_provider: TracerProvider | None = None) -> tuple[NatsBroker, FastStream]:
     # Telemetry outermost, so a failed message's span records the error before it is handled.
     middlewares = [NatsTelemetryMiddleware(tracer_provider=tracer_provider)] if tracer_provider else []
-    middlewares.append(deadletters.middleware())
+    middlewares += [deadletters.middleware(), Heartbeat]
     broker = NatsBroker(nats_url, middlewares=middlewares, max_reconnect_attempts=-1)
     return broker, FastStream(broker)
 
 
-def durable_subscriber(broker: NatsBroker, subject: str, *, ack_wait_s: float = 60.0,
+HEARTBEAT_S = 10.0
+
+
+class Heartbeat(BaseMiddleware):
+    """Tells JetStream "still working" every HEARTBEAT_S while a handler runs, so ack_wait can stay
+    short: a crashed replica's message goes to another replica within ack_wait, while a long
+    benchmark on a live one is never handed out twice."""
+
+    async def consume_scope(self, call_next, msg):
+        in_progress = getattr(msg.raw_message, "in_progress", None)
+        if in_progress is None or not getattr(msg.raw_message, "reply", None):
+            return await call_next(msg)  # not a JetStream delivery: nothing to extend
+
+        async def beat() -> None:
+            while True:
+                await asyncio.sleep(HEARTBEAT_S)
+                try:
+                    await in_progress()
+                except Exception:  # the connection is down: the server redelivers if we are gone
+                    pass
+
+        task = asyncio.create_task(beat())
+        try:
+            return await call_next(msg)
+        finally:
+            task.cancel()
+
+
+def durable_subscriber(broker: NatsBroker, subject: str, *, ack_wait_s: float = 3 * HEARTBEAT_S,
                        max_deliver: int = deadletters.MAX_DELIVER):
     """A pull consumer shared by every replica of a stage: a work queue with explicit ack.
 
     A handler that raises is retried with back-off and dead-lettered after its last delivery; an
-    invalid message is dead-lettered at once (shared/deadletters.py). ack_wait must exceed the
-    longest piece of work, or the server hands the message to another replica meanwhile."""
+    invalid message is dead-lettered at once (shared/deadletters.py). Heartbeats keep a message
+    while its handler runs, so ack_wait is how long a crashed replica holds it, not a work limit."""
     return broker.subscriber(
         subject,
         stream=stream(),

@@ -23,6 +23,15 @@ class Loop:
     state_dir: Path
     server: nats_server.NatsServer | None = None
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one service, as a crash would: no draining, no clean-up."""
+        self.processes[name].kill()
+        self.processes[name].wait()
+
+    def restart(self, name: str) -> None:
+        self.processes[name] = _spawn(name, self.state_dir, self.env)
 
     def dead(self) -> list[str]:
         return [name for name, p in self.processes.items() if p.poll() is not None]
@@ -56,21 +65,25 @@ def start(state_dir: Path, nats_url: str | None = None, env: dict[str, str] | No
     if not nats_url:
         server = nats_server.start(state_dir / "nats", log_path=state_dir / "logs" / "nats-server.log")
         nats_url = server.url
-    loop = Loop(nats_url=nats_url, state_dir=state_dir, server=server)
-    child_env = {**os.environ, **(env or {}), "NATS_URL": nats_url, "KERNELLOOP_STATE_DIR": str(state_dir),
-                 "PYTHONUNBUFFERED": "1"}
-    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, **(env or {}), "NATS_URL": nats_url, "KERNELLOOP_STATE_DIR": str(state_dir),
+           "PYTHONUNBUFFERED": "1"}
+    loop = Loop(nats_url=nats_url, state_dir=state_dir, server=server, env=env)
     try:
         for name in services:
-            log = open(state_dir / "logs" / f"{name}.log", "ab")
-            loop.processes[name] = subprocess.Popen(
-                [sys.executable, "-m", name], cwd=root, env=child_env, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,  # the supervisor, not the terminal, decides when they stop
-            )
+            loop.processes[name] = _spawn(name, state_dir, env)
     except Exception:
         loop.stop()
         raise
     return loop
+
+
+def _spawn(name: str, state_dir: Path, env: dict[str, str]) -> subprocess.Popen:
+    with open(state_dir / "logs" / f"{name}.log", "ab") as log:  # the child keeps its own copy
+        return subprocess.Popen(
+            [sys.executable, "-m", name], cwd=Path(__file__).resolve().parent.parent, env=env, stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # the supervisor, not the terminal, decides when they stop
+        )
 
 
 async def _wait_ready(nats_url: str, loop: Loop, timeout: float) -> None:

@@ -51,7 +51,7 @@ async def _deploy_events(nats_url: str) -> list[Deploy]:
         sub = await js.pull_subscribe(subjects.DEPLOY, stream=subjects.STREAM_NAME)
         try:
             msgs = await sub.fetch(10, timeout=2)
-        except nats.errors.TimeoutError:
+        except (nats.errors.TimeoutError, asyncio.TimeoutError):  # nothing there yet
             return []
         return [Deploy.model_validate_json(m.data) for m in msgs]
     finally:
