@@ -4,7 +4,8 @@ Runs inside the worker process, on every shape of the op's ODD_SHAPES (tails tha
 and of the workload profile, several trials each with a new seed, in the key's dtype. The error is
 ||y - ref|| / ||ref|| in fp32, taken over the whole output and over each row (last dim) on its own,
 so a wrong tail or a forgotten last row cannot hide in a large tensor's norm. NaN or Inf anywhere,
-a wrong shape, dtype or device, or a launcher that writes into its inputs fails the check.
+a wrong shape, dtype or device, or a launcher that writes into its inputs fails the check. Ops
+that return several tensors (rmsnorm_residual's (y, residual)) have each output checked so.
 
 Future work: poisoning the output buffer needs an `out=` argument that launchers do not take; for
 now the allocator is only pre-filled with NaN before each call (best effort, see _poison_allocator).
@@ -27,17 +28,18 @@ def check(launch: Callable, op: ModuleType, dtype: torch.dtype, profile_shapes: 
             inputs = op.make_inputs(list(shape), dtype, device, trial_seed)
             expected = op.reference(*inputs)
             saved = [t.clone() for t in inputs if isinstance(t, torch.Tensor)]
-            _poison_allocator(expected)
+            for like in _as_tuple(expected):
+                _poison_allocator(like)
             try:
                 actual = launch(*inputs)
             except Exception as e:  # the caller decides whether a raise is a compile error
                 raise LaunchError(f"launch raised on {where}: {type(e).__name__}: {e}") from e
-            problem = output_problem(actual, expected)
+            problem = outputs_problem(actual, expected)
             if problem is None and not _unchanged(inputs, saved):
                 problem = "the launcher wrote into its inputs"
             if problem is not None:
                 return False, f"{problem} on {where}"
-            error = relative_error(actual, expected)
+            error = max(relative_error(a, e) for a, e in zip(_as_tuple(actual), _as_tuple(expected)))
             if not error <= tolerance:  # written so that a NaN error fails too
                 return False, f"error {error:.3g} > tolerance {tolerance:g} on {where}"
             worst = max(worst, error)
@@ -46,6 +48,22 @@ def check(launch: Callable, op: ModuleType, dtype: torch.dtype, profile_shapes: 
 
 class LaunchError(RuntimeError):
     """The launcher raised during the check; the message names the shape and trial."""
+
+
+def outputs_problem(actual, expected) -> str | None:
+    """output_problem for ops that return one tensor or a tuple of them (e.g. (y, residual))."""
+    if not isinstance(expected, tuple):
+        return output_problem(actual, expected)
+    if not isinstance(actual, (tuple, list)) or len(actual) != len(expected):
+        return f"launch returned {type(actual).__name__}, not a tuple of {len(expected)} tensors"
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        if (problem := output_problem(a, e)) is not None:
+            return f"output {i}: {problem}"
+    return None
+
+
+def _as_tuple(value) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
 
 
 def output_problem(actual, expected: torch.Tensor) -> str | None:

@@ -1,6 +1,7 @@
 """Incumbent and candidate timed in one run, interleaved A B A B after a warm-up, on the same inputs;
-on CUDA by device events with L2 flushed (256 MB written) before every call, elsewhere by
-wall clock around each call. Per shape: median and IQR of the reps. Weighted speedup =
+on CUDA by device events with L2 flushed (256 MB written) and a short device-side wait before
+every call (so the host's launch path is not timed), elsewhere by wall clock around each call.
+Per shape: median and IQR of the reps. Weighted speedup =
 sum w*median(incumbent) / sum w*median(candidate) with the profile's weights normalised (the
 expected time saved on the production mix); 95% CI by bootstrap, reps resampled within each shape."""
 import time
@@ -10,39 +11,53 @@ import numpy as np
 import torch
 
 FLUSH_BYTES = 256 * 2**20  # larger than any current GPU's L2, so every rep starts cold
+# A device-side wait after the flush (~0.5 ms at H100 clocks): the host queues the call before the
+# device reaches the start event, so the events bracket device time, not the host's launch path
+# (which the dispatch measures apart). Without it a slow host makes small kernels time the host.
+SLACK_CYCLES = 1_000_000
 
 
 def time_pair(incumbent: Callable, candidate: Callable, args: tuple, reps: int, warmup: int,
               device: str) -> tuple[list[float], list[float]]:
     """Per-rep times in us of incumbent(*args) and candidate(*args), interleaved in one run."""
+    inc, cand = time_interleaved([incumbent, candidate], args, reps, warmup, device)
+    return inc, cand
+
+
+def time_interleaved(fns: Sequence[Callable], args: tuple, reps: int, warmup: int,
+                     device: str) -> list[list[float]]:
+    """Per-rep times in us of each fn(*args), the fns taking turns within every rep (A B C A B C),
+    so a drift of clocks or temperature hits all of them alike."""
     for _ in range(warmup):
-        incumbent(*args)
-        candidate(*args)
+        for fn in fns:
+            fn(*args)
     if device == "cuda":
-        return _time_cuda(incumbent, candidate, args, reps)
-    return _time_wall(incumbent, candidate, args, reps)
+        return _time_cuda(fns, args, reps)
+    return _time_wall(fns, args, reps)
 
 
-def _time_cuda(incumbent: Callable, candidate: Callable, args: tuple, reps: int) -> tuple[list[float], list[float]]:
+def _time_cuda(fns: Sequence[Callable], args: tuple, reps: int) -> list[list[float]]:
     flush = torch.empty(FLUSH_BYTES, dtype=torch.int8, device="cuda")
-    events: tuple[list, list] = ([], [])
+    sleep = getattr(torch.cuda, "_sleep", None)
+    events: list[list] = [[] for _ in fns]
     for _ in range(reps):
-        for fn, out in ((incumbent, events[0]), (candidate, events[1])):
+        for fn, out in zip(fns, events):
             flush.zero_()  # outside the events: the flush is not part of the kernel's time
+            if sleep is not None:
+                sleep(SLACK_CYCLES)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn(*args)
             end.record()
             out.append((start, end))
     torch.cuda.synchronize()  # one sync at the end: no host round trip between reps
-    inc, cand = ([s.elapsed_time(e) * 1e3 for s, e in pairs] for pairs in events)  # ms -> us
-    return inc, cand
+    return [[s.elapsed_time(e) * 1e3 for s, e in pairs] for pairs in events]  # ms -> us
 
 
-def _time_wall(incumbent: Callable, candidate: Callable, args: tuple, reps: int) -> tuple[list[float], list[float]]:
-    times: tuple[list[float], list[float]] = ([], [])
+def _time_wall(fns: Sequence[Callable], args: tuple, reps: int) -> list[list[float]]:
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(reps):
-        for fn, out in ((incumbent, times[0]), (candidate, times[1])):
+        for fn, out in zip(fns, times):
             start = time.perf_counter()
             fn(*args)
             out.append((time.perf_counter() - start) * 1e6)

@@ -100,7 +100,7 @@ def describe_incumbent(campaign: Campaign, device: str) -> str:
         return f"deployed variant {vid} {incumbent.params}"
     op = campaign.key.op
     if device == "cuda":
-        return f"torch reference of {op} (the op's fallback; nothing deployed)"
+        return f"torch eager {op} (the op's fallback; nothing deployed)"
     return f"baseline Triton kernel of {op} at its default config, in the same interpreter (nothing deployed)"
 
 
@@ -273,7 +273,7 @@ def _load_incumbent(campaign: Campaign, op, device: str, cache_dir: Path) -> Cal
         vid = incumbent.variant_id or variant_id(incumbent.source, incumbent.params)
         return load(incumbent.source, incumbent.params, vid, cache_dir)
     if device == "cuda":
-        return op.reference
+        return getattr(op, "eager", op.reference)  # what the dispatcher's fallback serves there
     # Interpreted code cannot be compared with native torch: the fallback is the baseline kernel.
     source = render(op.TEMPLATE, op.DEFAULT)
     return load(source, op.DEFAULT, variant_id(source, op.DEFAULT), cache_dir)

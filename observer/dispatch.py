@@ -57,6 +57,8 @@ class Dispatcher:
         self._interpreted: bool | None = None
         self._calls: dict[str, int] = {}
         self._fallbacks: dict[str, Callable] = {}
+        self._shape_fns: dict[str, Callable] = {}  # op -> the op's shape of a call's arguments
+        self._resolved: dict[tuple, tuple] = {}  # call signature -> (dtype, shape, bucket, key)
         self._load_lock = threading.Lock()
         # CUDA timings of sampled calls, read off the critical path when the window flushes
         self._pending: deque = deque(maxlen=4096)
@@ -70,6 +72,7 @@ class Dispatcher:
     @hardware.setter
     def hardware(self, key: str) -> None:
         self._hardware = key
+        self._resolved = {}  # resolved keys name the hardware
 
     def key(self, op_name: str, dtype: str, bucket: str) -> str:
         return f"{self.hardware}.{op_name}.{dtype}.{bucket}"
@@ -80,7 +83,8 @@ class Dispatcher:
         if self._interpreted is None:
             self._interpreted = hardware.interpreted()
         if device_type != "cpu" or not self._interpreted:
-            return get_op(op_name).reference
+            op = get_op(op_name)
+            return getattr(op, "eager", op.reference) if device_type == "cuda" else op.reference
         launch = self._fallbacks.get(op_name)
         if launch is None:
             op = get_op(op_name)
@@ -92,11 +96,17 @@ class Dispatcher:
 
     def call(self, op_name: str, *args):
         x = args[0]  # the activation: its shape and dtype pick the kernel key
-        dtype = _DTYPE_NAMES.get(x.dtype)
+        # the key of a call depends only on its tensors' shapes and x's dtype: resolved once per
+        # signature, since a model repeats a few shapes and the host path is per call
+        signature = (op_name, x.dtype, *[a.shape for a in args if isinstance(a, torch.Tensor)])
+        resolved = self._resolved.get(signature)
+        if resolved is None:
+            resolved = self._resolve(op_name, x, args)
+            if len(self._resolved) < 4096:
+                self._resolved[signature] = resolved
+        dtype, shape, bucket, key = resolved
         if dtype is None:  # no kernel key for this dtype: nothing deployed can serve it
             return get_op(op_name).reference(*args)
-        bucket = get_op(op_name).shape_bucket(list(x.shape))
-        key = self.key(op_name, dtype, bucket)
         served = self.table.get(key)
         windows = self.windows
         if windows is None:
@@ -109,21 +119,42 @@ class Dispatcher:
         # events cannot be timed inside a CUDA graph capture
         if count % self.sample_every or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
             y = self._launch(key, served, op_name, x, args)
-            windows.record(op_name, dtype, bucket, x.shape, variant)
+            windows.record(op_name, dtype, bucket, shape, variant)
         elif x.is_cuda:
             # events queue behind the launch; reading them waits for the flush, off this path
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             y = self._launch(key, served, op_name, x, args)
             end.record()
-            windows.record(op_name, dtype, bucket, x.shape, variant)
+            windows.record(op_name, dtype, bucket, shape, variant)
             self._pending.append((op_name, dtype, bucket, variant, start, end))
         else:
             # the CPU (and the interpreter) is synchronous: the wall clock is the call's time
             t0 = time.perf_counter()
             y = self._launch(key, served, op_name, x, args)
-            windows.record(op_name, dtype, bucket, x.shape, variant, (time.perf_counter() - t0) * 1e6)
+            windows.record(op_name, dtype, bucket, shape, variant, (time.perf_counter() - t0) * 1e6)
         return y
+
+    def _resolve(self, op_name: str, x: torch.Tensor, args: tuple) -> tuple:
+        dtype = _DTYPE_NAMES.get(x.dtype)
+        if dtype is None:
+            return None, None, None, None
+        shape, bucket = self._shape_and_bucket(op_name, args)
+        return dtype, shape, bucket, self.key(op_name, dtype, bucket)
+
+    def _shape_and_bucket(self, op_name: str, args: tuple) -> tuple[list[int], str]:
+        fn = self._shape_fns.get(op_name)
+        if fn is None:
+            op = get_op(op_name)
+            shape_of = getattr(op, "op_shape", None) or (lambda x, *rest: list(x.shape))
+            bucket_of = op.shape_bucket
+
+            def fn(*call_args):
+                shape = shape_of(*call_args)
+                return shape, bucket_of(shape)
+
+            self._shape_fns[op_name] = fn
+        return fn(*args)
 
     def _launch(self, key: str, served: Served | None, op_name: str, x: torch.Tensor, args: tuple):
         if served is None:
@@ -139,6 +170,8 @@ class Dispatcher:
                               served.variant_id, key, list(x.shape), key)
                 if self.table.get(key) is served:
                     self.table.pop(key, None)
+        if isinstance(y, tuple):  # ops such as rmsnorm_residual return (y, residual)
+            return tuple(t if t.is_contiguous() else t.contiguous() for t in y)
         return y if y.is_contiguous() else y.contiguous()
 
     def resolve_timings(self) -> None:

@@ -17,12 +17,17 @@ def _normalise(name: str) -> str:
 
 
 def catalog_op(name: str) -> str | None:
-    """The catalog op an event name stands for: kernelloop::rmsnorm, aten::rms_norm, MyRMSNorm..."""
+    """The catalog op an event name stands for: kernelloop::rmsnorm, aten::rms_norm, MyRMSNorm...
+    Ops whose shape is not their first input's (matmul's [M, N, K], see op_shape) are left out:
+    the first input's dims alone would give them a wrong key."""
     if name.startswith("kernelloop::"):
         op = name.removeprefix("kernelloop::")
-        return op if op in CATALOG else None
+        return op if op in _BY_FIRST_INPUT else None
     flat = _normalise(name)
-    return next((op for op in CATALOG if _normalise(op) in flat), None)
+    return next((op for op in _BY_FIRST_INPUT if _normalise(op) in flat), None)
+
+
+_BY_FIRST_INPUT = [name for name, op in CATALOG.items() if not hasattr(op, "op_shape")]
 
 
 def _first_tensor(args: dict) -> tuple[list[int], str] | None:

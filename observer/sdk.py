@@ -3,21 +3,24 @@ bucket to the deployed variant or the op's fallback), `observe()` to publish usa
 registry, and `patch(model)` for models whose RMSNorm modules do not call the ops.
 
     runtime = observe()                  # background thread; the workload never waits on it
-    y = ops.rmsnorm(x, weight)           # x: [..., hidden]
+    y = ops.rmsnorm(x, weight)           # x: [..., hidden]; every op of shared.ops.CATALOG likewise
     runtime.close()                      # publishes the last window
 """
 import atexit
+import inspect
 import logging
 import os
 import socket
 from pathlib import Path
+from types import ModuleType
 
 import torch
+import torch.autograd.profiler as _profiler
 
 from observer.dispatch import Dispatcher
 from observer.hotswap import DeployRecord
 from observer.runtime import Runtime
-from shared.ops import get_op
+from shared.ops import CATALOG, get_op
 from shared.settings import Settings
 
 log = logging.getLogger("kernelloop.observer")
@@ -29,22 +32,50 @@ _dispatcher = Dispatcher()
 _runtime: Runtime | None = None
 
 
-# A custom op is opaque to torch.compile: the graph keeps one call, and the dispatch (and with it
-# the hot swap) happens inside it at run time.
-@torch.library.custom_op("kernelloop::rmsnorm", mutates_args=())
-def _rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    return _dispatcher.call("rmsnorm", x, weight, eps)
+def _register(op: ModuleType):
+    """The op as kernelloop::<name>, a PyTorch custom op whose schema is its reference's signature.
+    A custom op is opaque to torch.compile: the graph keeps one call, and the dispatch (and with it
+    the hot swap) happens inside it at run time. Its fake (shape) implementation is the reference
+    itself, run on fake tensors, so outputs' shapes and dtypes cannot drift from the reference's."""
+    name, signature = op.NAME, inspect.signature(op.reference)
 
+    def impl(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()  # the dispatcher and the launchers take positional arguments
+        return _dispatcher.call(name, *bound.args)
 
-@_rmsnorm.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    return x.new_empty(x.shape)  # y: like x, contiguous
+    impl.__signature__ = signature  # read by torch's schema inference
+    impl.__name__ = name
+    custom = torch.library.custom_op(f"kernelloop::{name}", impl, mutates_args=())
+    custom.register_fake(op.reference)
+    n_params = len(signature.parameters)
+    dispatch = _dispatcher.call
+
+    def call(*args, **kwargs):
+        # Under torch.compile the graph gets the custom op, one opaque node; under the profiler the
+        # trace shows it as kernelloop::<name> (observer/ingest.py reads such traces). Otherwise
+        # (CUDA graph capture included) the torch dispatcher's trip through the custom op costs the
+        # host tens of microseconds per call for nothing: the call goes to kernelloop's dispatch.
+        if torch.compiler.is_compiling() or _profiler._is_profiler_enabled:
+            return custom(*args, **kwargs)
+        if kwargs or len(args) != n_params:
+            return impl(*args, **kwargs)
+        return dispatch(name, *args)
+
+    call.__signature__, call.__name__, call.__doc__ = signature, name, op.__doc__
+    call.custom_op = custom  # torch.ops.kernelloop.<name> as well
+    return call
 
 
 class _Ops:
-    """The catalog's ops; forward only (inference)."""
+    """The catalog's ops, one attribute each (ops.rmsnorm, ops.matmul, ...); forward only (inference)."""
 
-    rmsnorm = staticmethod(_rmsnorm)
+    def __init__(self):
+        for name, op in CATALOG.items():
+            setattr(self, name, _register(op))
+
+    def __dir__(self):
+        return sorted(CATALOG)
 
 
 ops = _Ops()

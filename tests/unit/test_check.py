@@ -166,3 +166,32 @@ def test_wrong_shape_and_dtype_are_reported_before_values():
     assert "dtype" in output_problem(torch.ones(3, 4, dtype=torch.float16), ref)
     assert "not a tensor" in output_problem(None, ref)
     assert output_problem(ref.clone(), ref) is None
+
+
+# ---- ops with several outputs ------------------------------------------------------------------
+
+
+def _tuple_launcher(tmp_path, body: str):
+    from shared.ops import rmsnorm_residual
+
+    source = render(rmsnorm_residual.TEMPLATE, rmsnorm_residual.DEFAULT).replace(
+        "    return y.reshape(shape), h.reshape(shape)\n", body)
+    return rmsnorm_residual, _launcher(source, tmp_path, rmsnorm_residual.DEFAULT)
+
+
+def test_a_two_output_op_passes_when_both_outputs_are_right(tmp_path):
+    op, launch = _tuple_launcher(tmp_path, "    return y.reshape(shape), h.reshape(shape)\n")
+    ok, message = check(launch, op, torch.float16, [[3, 300]], device(), trials=2, seed=3)
+    assert ok, message
+
+
+def test_a_two_output_op_fails_when_its_second_output_is_wrong(tmp_path):
+    op, launch = _tuple_launcher(tmp_path, "    return y.reshape(shape), x\n")
+    ok, message = check(launch, op, torch.float16, [[3, 300]], device(), trials=2, seed=3)
+    assert not ok and "error" in message
+
+
+def test_a_two_output_op_fails_when_it_returns_one_tensor(tmp_path):
+    op, launch = _tuple_launcher(tmp_path, "    return y.reshape(shape)\n")
+    ok, message = check(launch, op, torch.float16, [[3, 300]], device(), trials=1, seed=3)
+    assert not ok and "not a tuple of 2 tensors" in message

@@ -39,7 +39,9 @@ def test_catalog_op_maps_profiler_names():
     assert catalog_op("aten::rms_norm") == "rmsnorm"
     assert catalog_op("LlamaRMSNorm") == "rmsnorm"
     assert catalog_op("kernelloop::nope") is None
-    assert catalog_op("aten::layer_norm") is None
+    assert catalog_op("aten::layer_norm") == "layernorm"
+    assert catalog_op("aten::matmul") is None  # its key needs [M, N, K], not the first input's dims
+    assert catalog_op("aten::gelu") is None
 
 
 def test_real_trace_gives_stats_per_key_with_shapes_and_times(trace):

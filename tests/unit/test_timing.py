@@ -78,3 +78,13 @@ def test_time_pair_measures_each_call_in_microseconds():
     inc, cand = time_pair(lambda: time.sleep(0.005), lambda: None, (), reps=3, warmup=0, device="cpu")
     assert median(inc) >= 4500.0  # a 5 ms sleep
     assert median(cand) < median(inc) / 5
+
+
+def test_time_interleaved_takes_turns_among_any_number_of_functions():
+    from benchmarker.timing import time_interleaved
+
+    calls = []
+    fns = [lambda tag=tag: calls.append(tag) for tag in "ABC"]
+    times = time_interleaved(fns, (), reps=2, warmup=1, device="cpu")
+    assert calls == list("ABC") * 3
+    assert [len(t) for t in times] == [2, 2, 2]
