@@ -1,11 +1,16 @@
 """The detector's FastStream shell: kernel.stats feed the change detector, and each change roots a
-campaign's trace on usage.changed; the hypothesis stage turns usage.changed into a hypothesis.
+campaign's trace on usage.changed; the hypothesis stage turns usage.changed into a hypothesis when
+the expected gain is worth it and no campaign for the key is in flight.
 
-The stats consumer keeps its state in memory: run one replica of it per stream (its durable is a
-work queue, so two replicas would each see half the windows and misjudge every share)."""
+The stats consumer keeps its state in memory and rebuilds it from the stream when it starts
+(detector/replay.py): run one replica of it per stream (its durable is a work queue, so two replicas
+would each see half the windows and misjudge every share)."""
+import asyncio
 import logging
+from datetime import datetime, timedelta, timezone
 
 from faststream import FastStream
+from faststream.nats import NatsMessage
 from nats.js.errors import KeyDeletedError, KeyNotFoundError
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -13,7 +18,9 @@ from opentelemetry.trace import Link, Status, StatusCode, TracerProvider
 from pydantic import ValidationError
 
 from detector.change import ChangeDetector
-from detector.hypothesis import build_hypothesis, incumbent_from, peaks_for
+from detector.hypothesis import build_hypothesis, incumbent_from, peaks_for, rank, worth_a_campaign
+from detector.inflight import CampaignGuard
+from detector.replay import replay
 from shared import subjects
 from shared.broker import durable_subscriber, make_broker, publish, stream
 from shared.schemas import Budget, Hypothesis, KernelKey, KernelStats, RegistryEntry, UsageChanged
@@ -21,8 +28,9 @@ from shared.settings import Settings
 
 log = logging.getLogger("kernelloop.detector")
 
-# Both handlers do milliseconds of work plus one publish or one KV read.
-ACK_WAIT_S = 30.0
+# Both handlers do milliseconds of work plus one publish or a few KV reads; the first window after
+# a start also waits for the replay of the stream's recent windows.
+ACK_WAIT_S = 60.0
 
 
 def build_app(settings: Settings, tracer_provider: TracerProvider | None = None) -> FastStream:
@@ -31,6 +39,11 @@ def build_app(settings: Settings, tracer_provider: TracerProvider | None = None)
     detector = ChangeDetector(min_time_share=settings.min_time_share, confirm_windows=settings.confirm_windows,
                               cooldown_s=settings.cooldown_s, slot_s=settings.window_s)
     budget = Budget(rounds=settings.rounds, variants_per_round=settings.variants_per_round)
+    # The stream sequence up to which windows were replayed into the detector after the start; the
+    # live consumer skips those. Either handler may restore first: the hypothesis stage needs the
+    # profile as much as the change detector needs its levels.
+    restored: list[int] = []
+    restoring = asyncio.Lock()
     # Declared for the AsyncAPI document; messages go out through shared.broker.publish.
     broker.publisher(subjects.USAGE_CHANGED, stream=stream(), schema=UsageChanged, title="usage.changed",
                      description="a kernel key whose usage changed, with evidence")
@@ -49,24 +62,78 @@ def build_app(settings: Settings, tracer_provider: TracerProvider | None = None)
             log.error("registry entry %s is not a RegistryEntry (%s); treating the key as unserved", key, e)
             return None
 
+    async def restore(msg: NatsMessage | None = None) -> None:
+        """Replay the last detector_replay_s of kernel.stats; up to msg (a live window) when given."""
+        async with restoring:
+            if restored:
+                return
+            meta = getattr(msg.raw_message, "metadata", None) if msg is not None else None
+            since = datetime.now(timezone.utc) - timedelta(seconds=settings.detector_replay_s)
+            done = await replay(broker.connection.jetstream(), detector, since,
+                                meta.sequence.stream if meta else None)
+            restored.append(meta.sequence.stream - 1 if meta else done.last_seq)
+            log.info("rebuilt the workload profile from %d kernel.stats windows of the last %.0f s",
+                     done.windows, settings.detector_replay_s)
+
+    def replayed(msg: NatsMessage) -> bool:
+        meta = getattr(msg.raw_message, "metadata", None)
+        return meta is not None and meta.sequence.stream <= restored[0]
+
+    async def learn_promise(stats: KernelStats) -> None:
+        """What the benchmark measured for the variant now serving, for the evidence of a regression."""
+        if stats.variant_id is None or detector.knows_variant(stats.key, stats.variant_id):
+            return
+        entry = await read_registry(stats.key)
+        speedup = entry.speedup if entry is not None and entry.variant_id == stats.variant_id else None
+        detector.promise(stats.key, stats.variant_id, speedup)
+
+    async def by_expected_gain(changes: list[UsageChanged]) -> list[UsageChanged]:
+        """Changes found together, the biggest expected gain first, so its campaign starts first."""
+        if len(changes) < 2:
+            return changes
+        hypotheses = {}
+        for change in changes:
+            try:
+                incumbent = incumbent_from(await read_registry(change.key))
+                h = build_hypothesis(change, detector.profile(change.key), incumbent, budget,
+                                     detector.time_us_per_call(change.key), peaks_for(change.key.hardware))
+            except ValueError:
+                continue  # the hypothesis stage refuses it with the reason; last in line here
+            hypotheses[h.event_id] = (h, change)
+        ranked = [hypotheses[h.event_id][1] for h in rank([h for h, _ in hypotheses.values()])]
+        return ranked + [c for c in changes if c not in ranked]
+
+    # One window at a time, in stream order: a pull batch is handled concurrently, and windows
+    # judged out of order would be counted as late.
     @durable_subscriber(broker, subjects.KERNEL_STATS, ack_wait_s=ACK_WAIT_S)
-    async def on_kernel_stats(stats: KernelStats) -> None:
-        for change in detector.observe(stats):
+    async def on_kernel_stats(stats: KernelStats, msg: NatsMessage) -> None:
+        await restore(msg)
+        if replayed(msg):
+            return  # the restore counted it already
+        await learn_promise(stats)
+        for change in await by_expected_gain(detector.observe(stats)):
             # A campaign is one trace rooted where the change was detected; the window that
             # tipped it stays reachable through a link.
             window = trace.get_current_span().get_span_context()
             links = [Link(window)] if window.is_valid else []
             with tracer.start_as_current_span("detect", context=otel_context.Context(), links=links) as span:
-                span.set_attributes({"op": change.key.op, "kernel_key": str(change.key), "reason": change.reason,
+                span.set_attributes({"op": change.key.op, "kernel_key": str(change.key), "bucket": change.key.bucket,
+                                     "reason": change.reason,
                                      "time_share": change.after.time_share if change.after else 0.0})
                 await publish(broker, subjects.USAGE_CHANGED, change)
             log.info("usage changed for %s (%s): %s", change.key, change.reason, change.detail)
 
     @durable_subscriber(broker, subjects.USAGE_CHANGED, ack_wait_s=ACK_WAIT_S)
     async def on_usage_changed(event: UsageChanged) -> None:
+        await restore()
         key = event.key
         with tracer.start_as_current_span("hypothesise") as span:
-            span.set_attributes({"op": key.op, "kernel_key": str(key), "reason": event.reason})
+            span.set_attributes({"op": key.op, "kernel_key": str(key), "bucket": key.bucket, "reason": event.reason})
+            if event.reason == "regression" and event.after_deploy:
+                log.info("regression of %s after the deploy of %s: the deployer rolls it back, no campaign",
+                         key, event.variant_id)
+                span.set_attribute("status", "rollback")
+                return
             entry = await read_registry(key)
             try:
                 hypothesis = build_hypothesis(event, detector.profile(key), incumbent_from(entry), budget,
@@ -78,10 +145,25 @@ def build_app(settings: Settings, tracer_provider: TracerProvider | None = None)
                 span.set_attribute("status", "rejected")
                 span.set_status(Status(StatusCode.ERROR, str(e)))
                 return
+            span.set_attribute("expected_gain", hypothesis.expected_gain)
+            worth, why = worth_a_campaign(hypothesis, settings.min_expected_gain)
+            if not worth:
+                log.info("no campaign for %s: %s", key, why)
+                span.set_attribute("status", "below_min_gain")
+                return
+            guard = CampaignGuard(await broker.key_value(subjects.DETECTOR_BUCKET, history=subjects.DETECTOR_HISTORY),
+                                  await broker.key_value(subjects.CAMPAIGN_BUCKET, history=subjects.CAMPAIGN_HISTORY),
+                                  settings.campaign_timeout_s)
+            claim = await guard.claim(str(key), hypothesis.campaign.campaign_id, event.event_id,
+                                      force=event.reason == "manual")
+            if not claim.granted:
+                log.info("no campaign for %s: %s", key, claim.reason)
+                span.set_attribute("status", "in_flight")
+                return
             span.set_attributes({"campaign_id": hypothesis.campaign.campaign_id, "status": "ok"})
             if entry is not None:
                 span.set_attribute("variant_id", entry.variant_id)  # the incumbent
             await publish(broker, subjects.HYPOTHESIS, hypothesis)
-            log.info("campaign %s for %s: %s", hypothesis.campaign.campaign_id, key, hypothesis.detail)
+            log.info("campaign %s for %s (%s): %s", hypothesis.campaign.campaign_id, key, why, hypothesis.detail)
 
     return app

@@ -1,6 +1,7 @@
 """The hypothesis stage: a usage change plus what serves the key now -> a campaign for the
 generator, with the workload profile, the headroom against the roofline and the expected gain."""
 import hashlib
+import math
 from dataclasses import dataclass
 
 from shared.ops import get_op, torch_dtype
@@ -103,6 +104,46 @@ def bound_hints(key: KernelKey, intensity: float, peaks: Peaks | None) -> list[s
     return hints
 
 
+def shape_hints(op_name: str, profile: list[WeightedShape]) -> list[str]:
+    """What the profile's dominant shapes suggest to a generator, for matmuls and row-wise ops."""
+    top = max(profile, key=lambda w: w.weight).shape
+    if op_name == "matmul" and len(top) == 3:
+        m, n, k = top
+        if m <= 64 and k >= 8 * max(m, 16):
+            return [f"small-M matmul (M={m}, K={k}): split-K to fill the device, small BLOCK_M"]
+        if m >= 1024 and n >= 1024:
+            return [f"large matmul ({m}x{n}x{k}): large tiles, deeper software pipelining (num_stages)"]
+        return []
+    rows, cols = math.prod(top[:-1]), top[-1]
+    hints = []
+    if cols > 8192:
+        hints.append(f"long rows ({cols}): loop over the row in blocks"
+                     + (" with an online (single-pass) max and sum" if op_name == "softmax" else ""))
+    elif cols <= 1024 and rows >= 1024:
+        hints.append(f"short rows ({cols}) and many of them ({rows}): several rows per program")
+    if rows <= 16:
+        hints.append(f"few rows ({rows}): one program per row leaves most of the device idle; split the row "
+                     "or use fewer, wider programs")
+    return hints
+
+
+def worth_a_campaign(hypothesis: Hypothesis, min_expected_gain: float) -> tuple[bool, str]:
+    """Whether a hypothesis should start a campaign, and why, in words for the log. A person's
+    manual event always does; a regression after a deploy never does (the deployer rolls back)."""
+    gain = hypothesis.expected_gain
+    if hypothesis.reason == "manual":
+        return True, "started by hand"
+    if gain < min_expected_gain:
+        return False, (f"expected gain {gain:.2%} of the op's time is below the minimum {min_expected_gain:.2%} "
+                       f"(KERNELLOOP_MIN_EXPECTED_GAIN)")
+    return True, f"expected gain {gain:.2%} of the op's time"
+
+
+def rank(hypotheses: list[Hypothesis]) -> list[Hypothesis]:
+    """Most expected gain first: when several changes land together, the best campaign starts first."""
+    return sorted(hypotheses, key=lambda h: h.expected_gain, reverse=True)
+
+
 def build_hypothesis(event: UsageChanged, profile: list[WeightedShape] | None, incumbent: Incumbent,
                      budget: Budget, observed_time_us_per_call: float | None, peaks: Peaks | None,
                      time_share: float | None = None) -> Hypothesis:
@@ -150,6 +191,11 @@ def build_hypothesis(event: UsageChanged, profile: list[WeightedShape] | None, i
         details.append(f"expected gain {expected_gain:.1%} = time share {time_share:.1%} x headroom "
                        f"{1.0 - efficiency:.0%}")
 
-    campaign = Campaign(key=key, profile=shapes, incumbent=incumbent, budget=event.budget or budget, hints=hints)
+    hints += shape_hints(op.NAME, shapes)
+    # The campaign id follows the event too: a redelivered event names the same campaign everywhere.
+    campaign_id = hashlib.sha256(f"campaign|{event.event_id}".encode()).hexdigest()[:32]
+    campaign = Campaign(campaign_id=campaign_id, key=key, profile=shapes, incumbent=incumbent,
+                        budget=event.budget or budget, hints=hints,
+                        time_share=min(1.0, time_share) if time_share is not None else None)
     return Hypothesis(event_id=hypothesis_event_id(event.event_id), campaign=campaign, reason=event.reason,
                       efficiency=efficiency, expected_gain=expected_gain, detail="; ".join(details))

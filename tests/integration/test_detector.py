@@ -114,7 +114,7 @@ async def test_manual_event_gets_example_shapes_and_the_registry_incumbent(js):
 
 async def test_unknown_op_is_acked_and_the_stage_keeps_serving(js, nats_url):
     hypotheses = await js.pull_subscribe(subjects.HYPOTHESIS, stream=subjects.STREAM_NAME)
-    bad = UsageChanged(key=PREFILL.model_copy(update={"op": "softmax"}), reason="manual")
+    bad = UsageChanged(key=PREFILL.model_copy(update={"op": "gelu"}), reason="manual")
     good = UsageChanged(key=PREFILL, reason="manual", profile=[WeightedShape(shape=[300, 512], weight=1.0)])
     await publish_raw(js, subjects.USAGE_CHANGED, bad)
     await publish_raw(js, subjects.USAGE_CHANGED, good)

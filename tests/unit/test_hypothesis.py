@@ -2,7 +2,8 @@
 expected gain, and refusal of events it cannot serve."""
 import pytest
 
-from detector.hypothesis import build_hypothesis, hypothesis_event_id, incumbent_from, peaks_for
+from detector.hypothesis import (build_hypothesis, hypothesis_event_id, incumbent_from, peaks_for, rank, shape_hints,
+                                 worth_a_campaign)
 from shared.schemas import Budget, Incumbent, KernelKey, RegistryEntry, UsageChanged, UsageSnapshot, WeightedShape
 
 CPU = KernelKey(hardware="cpu-interpreter", op="rmsnorm", dtype="float16", bucket="h4096-r16")
@@ -112,3 +113,46 @@ def test_hypothesis_id_follows_the_usage_changed_id():
     long_id = "x" * 128
     assert len(hypothesis_event_id(long_id)) <= 128
     assert hypothesis_event_id(long_id) == hypothesis_event_id(long_id) != hypothesis_event_id("y" * 128)
+
+
+def test_campaign_carries_the_time_share_and_an_id_that_follows_the_event():
+    event = observed(CPU, share=0.3)
+    first = build_hypothesis(event, None, Incumbent(), DEFAULT_BUDGET, None, None)
+    again = build_hypothesis(event, None, Incumbent(), DEFAULT_BUDGET, None, None)
+    assert first.campaign.time_share == pytest.approx(0.3)
+    assert first.campaign.campaign_id == again.campaign.campaign_id != build_hypothesis(
+        observed(CPU), None, Incumbent(), DEFAULT_BUDGET, None, None).campaign.campaign_id
+
+
+def test_small_m_matmul_is_hinted_split_k():
+    key = H100.model_copy(update={"op": "matmul", "bucket": "n4096-k4096-m16"})
+    profile = [WeightedShape(shape=[16, 4096, 4096], weight=1.0)]
+    h = build_hypothesis(observed(key, profile=profile), None, Incumbent(), DEFAULT_BUDGET, None,
+                         peaks_for(key.hardware))
+    assert any("split-K" in hint for hint in h.campaign.hints)
+
+
+def test_long_softmax_rows_are_hinted_online_softmax():
+    assert any("online" in hint for hint in shape_hints("softmax", [WeightedShape(shape=[64, 32768], weight=1.0)]))
+    assert any("few rows" in hint for hint in shape_hints("rmsnorm", [WeightedShape(shape=[4, 4096], weight=1.0)]))
+    assert shape_hints("rmsnorm", [WeightedShape(shape=[256, 4096], weight=1.0)]) == []
+
+
+def test_below_the_minimum_expected_gain_no_campaign_starts_and_says_why():
+    small = build_hypothesis(observed(CPU, share=0.004), None, Incumbent(), DEFAULT_BUDGET, None, None)
+    worth, why = worth_a_campaign(small, min_expected_gain=0.01)
+    assert not worth and "0.40%" in why and "KERNELLOOP_MIN_EXPECTED_GAIN" in why
+    assert worth_a_campaign(build_hypothesis(observed(CPU, share=0.2), None, Incumbent(), DEFAULT_BUDGET, None,
+                                             None), 0.01)[0]
+
+
+def test_a_manual_event_starts_a_campaign_whatever_its_gain():
+    manual = build_hypothesis(UsageChanged(key=CPU, reason="manual"), None, Incumbent(), DEFAULT_BUDGET, None, None)
+    assert manual.expected_gain == 0.0 and worth_a_campaign(manual, 0.5)[0]
+
+
+def test_hypotheses_are_ranked_by_expected_gain():
+    shares = [0.1, 0.5, 0.3]
+    ranked = rank([build_hypothesis(observed(CPU, share=s), None, Incumbent(), DEFAULT_BUDGET, None, None)
+                   for s in shares])
+    assert [h.expected_gain for h in ranked] == pytest.approx([0.5, 0.3, 0.1])
