@@ -87,16 +87,18 @@ STRATEGIES: dict[str, Strategy] = {"params": ParameterSearch()}
 
 def propose_round(op_module: ModuleType, campaign: Campaign, round: int, n: int, tried: set[str],
                   best: list[Scored], seed: str | int | None = None,
-                  strategy: str = "params") -> list[VariantReady]:
+                  strategy: "str | Strategy" = "params") -> list[VariantReady]:
     """Up to n new variants for this round, none in tried, each statically checked; [] when the
-    space holds nothing new. seed defaults to the campaign id."""
+    space holds nothing new. seed defaults to the campaign id; strategy is a name in STRATEGIES or
+    a strategy object built for this round (one that carries per-campaign state, like the LLM's)."""
     seed = campaign.campaign_id if seed is None else seed
     request = Request(op=op_module, campaign=campaign, round=round, n=n, tried=frozenset(tried),
                       best=list(best), rng=random.Random(f"{seed}:{round}"))
     accepted: list[tuple[str, Candidate]] = []
     seen = set(request.tried)
     rejected = 0
-    for candidate in STRATEGIES[strategy].propose(request):
+    strategy_impl = STRATEGIES[strategy] if isinstance(strategy, str) else strategy
+    for candidate in strategy_impl.propose(request):
         vid = variants.variant_id(candidate.source, candidate.params)
         if vid in seen:
             continue
