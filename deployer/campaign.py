@@ -22,7 +22,8 @@ from shared import subjects
 from shared.schemas import BenchResult, Campaign, Failure, Model, Refine, Scored
 from shared.variants import variant_id
 
-CampaignStatus = Literal["running", "deployed", "exhausted", "awaiting_approval"]
+CampaignStatus = Literal["running", "deployed", "exhausted", "awaiting_approval", "rejected"]
+DeployPolicy = Literal["auto", "manual", "manual_above"]
 AUTO_GATE = "auto-gate"
 KEEP_BEST = 8  # scored candidates handed to the next round
 KEEP_FAILURES = 32  # enough for a generator to see patterns, small enough for one KV value
@@ -47,6 +48,12 @@ class CampaignState(Model):
     deployed_revision: int | None = None
     reason: str = ""  # the last decision, in words
     trace_id: str | None = None  # the trace in which the deciding round closed
+    span_id: str | None = None  # the span that closed it: a person's decision joins the trace there
+    announced: bool = False  # deploy.pending went out for the winner awaiting approval
+    rejected_by: str | None = None
+    # variant_id -> the span that recorded its result, while its round is open: the span that closes
+    # the round links them all, since its decision fans in from every result.
+    result_spans: dict[str, str] = Field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,7 @@ class Step:
     changed: bool
     note: str
     decision: Decision | None = None  # set when this result completed a round
+    fan_in: tuple[str, ...] = ()  # span ids of the round's other results, when this one closed it
 
 
 def new_state(campaign: Campaign) -> CampaignState:
@@ -74,8 +82,22 @@ def _checked(result: BenchResult) -> BenchResult:
     return result.model_copy(update={"status": "rejected", "error": error})
 
 
+def approval_needed(policy: DeployPolicy, approval_share: float, time_share: float | None) -> str:
+    """Why a winner must wait for a person under the deploy policy, in words; empty when the gate
+    may deploy it. An unmeasured share counts as above the threshold: unknown traffic is not small."""
+    if policy == "manual":
+        return "deploy policy manual: every deploy waits for a person"
+    if policy == "manual_above":
+        if time_share is None:
+            return f"deploy policy manual_above {approval_share:.0%}: the key's time share is unknown"
+        if time_share >= approval_share:
+            return (f"deploy policy manual_above {approval_share:.0%}: the key carries {time_share:.0%} "
+                    "of its op's time")
+    return ""
+
+
 def record(state: CampaignState | None, result: BenchResult, margin: float, require_approval: bool,
-           trace_id: str | None = None) -> tuple[CampaignState, Step]:
+           trace_id: str | None = None, span_id: str | None = None) -> tuple[CampaignState, Step]:
     """Add one result; when it completes its round, let the gate decide what the campaign does next."""
     state = new_state(result.campaign) if state is None else state.model_copy(deep=True)
     if state.status != "running":
@@ -87,10 +109,17 @@ def record(state: CampaignState | None, result: BenchResult, margin: float, requ
         return state, Step(False, f"round {result.round} is already closed; late result {result.variant_id} ignored")
     received = {**received, result.variant_id: _slim(_checked(result))}
     state.results[result.round] = received
+    if span_id:
+        state.result_spans[result.variant_id] = span_id
     if len(received) < result.round_size:
         return state, Step(True, f"round {result.round}: {len(received)} of {result.round_size} results")
     decision = decide(list(received.values()), margin)
-    return close_round(state, result.round, decision, require_approval, trace_id), Step(True, decision.reason, decision)
+    fan_in = tuple(state.result_spans.pop(v) for v in received if v in state.result_spans and v != result.variant_id)
+    state.result_spans.pop(result.variant_id, None)
+    state = close_round(state, result.round, decision, require_approval, trace_id)
+    if decision.deploy or state.status != "running":
+        state.span_id = span_id or state.span_id
+    return state, Step(True, decision.reason, decision, fan_in)
 
 
 def _scored(result: BenchResult) -> Scored:
@@ -154,6 +183,22 @@ def grant_approval(state: CampaignState, who: str) -> CampaignState:
         raise ValueError(f"campaign {state.campaign.campaign_id} is {state.status}, not awaiting approval")
     state = state.model_copy(deep=True)
     state.status, state.pending, state.approved_by = "running", "deploy", who
+    return state
+
+
+def mark_announced(state: CampaignState) -> CampaignState:
+    state = state.model_copy(deep=True)
+    state.announced = True
+    return state
+
+
+def reject_deploy(state: CampaignState, who: str, reason: str = "") -> CampaignState:
+    """A person refused the winner: the campaign ends here, nothing is deployed."""
+    if state.status != "awaiting_approval":
+        raise ValueError(f"campaign {state.campaign.campaign_id} is {state.status}, not awaiting approval")
+    state = state.model_copy(deep=True)
+    state.status, state.pending, state.rejected_by = "rejected", None, who
+    state.reason = f"rejected by {who}" + (f": {reason}" if reason else "")
     return state
 
 

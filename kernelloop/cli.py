@@ -1,8 +1,10 @@
-"""The `kernelloop` command: up, publish, schema, trace, status. Exit codes: 0 ok, 1 failed,
-2 bad input (nothing was published)."""
+"""The `kernelloop` command. Every subcommand takes --json for machine-readable output.
+
+Exit codes: 0 done; 1 failed (no server, nothing found, the loop did not act in time); 2 bad input
+(nothing was published or changed)."""
 import argparse
-import asyncio
 import json
+import os
 import signal
 import sys
 import time
@@ -10,20 +12,21 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from kernelloop import console, gating, views
+from kernelloop.console import Failed
 from shared import subjects, traces
 from shared.interpreter import use_interpreter_without_gpu
-from shared.schemas import BY_SUBJECT, Event, RegistryEntry
+from shared.schemas import BY_SUBJECT, Event
 from shared.settings import Settings
 
+EPILOG = "Exit codes: 0 done, 1 failed, 2 bad input. NATS_URL names the server (default nats://127.0.0.1:4222)."
 
-def _fail(message: str, code: int = 2) -> int:
-    print(f"kernelloop: {message}", file=sys.stderr)
-    return code
+# ---- schema, publish --------------------------------------------------------------------------
 
 
 def cmd_schema(args, settings: Settings) -> int:
     if args.subject not in BY_SUBJECT:
-        return _fail(f"unknown subject {args.subject!r}; subjects: {', '.join(BY_SUBJECT)}")
+        return console.fail(f"unknown subject {args.subject!r}; subjects: {', '.join(BY_SUBJECT)}")
     print(json.dumps(BY_SUBJECT[args.subject].model_json_schema(), indent=2))
     return 0
 
@@ -38,63 +41,26 @@ def validate_event(subject: str, text: str) -> Event:
         problems = [f"{'.'.join(str(p) for p in err['loc']) or '(event)'}: {err['msg']}" for err in e.errors()]
         raise ValueError(f"invalid {subject} event:\n  " + "\n  ".join(problems)) from None
 
-
-async def _publish(nats_url: str, subject: str, event: Event, headers: dict[str, str]) -> int:
-    import nats
-
-    nc = await nats.connect(nats_url, connect_timeout=5, max_reconnect_attempts=1)
-    try:
-        ack = await nc.jetstream().publish(subject, event.model_dump_json().encode(), headers=headers, timeout=5)
-        return ack.seq
-    finally:
-        await nc.close()
-
-
 def cmd_publish(args, settings: Settings) -> int:
-    text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
+    try:
+        text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
+    except OSError as e:
+        return console.fail(f"cannot read {args.file}: {e.strerror}")
     try:
         event = validate_event(args.subject, text)
     except ValueError as e:
-        return _fail(str(e))
-    from opentelemetry import propagate, trace
-
-    from shared.telemetry import setup_tracing
-
+        return console.fail(str(e))
     # A hand-published event roots its own trace, so the campaign it starts can be followed.
-    provider = setup_tracing("kernelloop-cli", settings.traces_dir, settings.otel_exporter_otlp_endpoint)
-    with trace.get_tracer("kernelloop.cli").start_as_current_span(f"publish {args.subject}") as span:
-        span.set_attribute("event_id", event.event_id)
-        headers = {"Nats-Msg-Id": event.event_id}
-        propagate.inject(headers)
-        trace_id = f"{span.get_span_context().trace_id:032x}"
-        try:
-            seq = asyncio.run(_publish(settings.nats_url, args.subject, event, headers))
-        except Exception as e:  # no server, no stream: say so plainly
-            hint = " (is the loop up? `kernelloop up` declares the stream)" if "no response from stream" in str(e) else ""
-            return _fail(f"could not publish to {settings.nats_url}: {e}{hint}", 1)
-    provider.shutdown()
+    try:
+        seq, trace_id = console.publish_traced(settings, args.subject, event)
+    except Failed as e:
+        return console.fail(str(e), 1)
     print(json.dumps({"subject": args.subject, "event_id": event.event_id, "stream_seq": seq, "trace_id": trace_id})
           if args.json else f"published {args.subject} event {event.event_id} (stream seq {seq}); trace {trace_id}")
     return 0
 
 
-def cmd_trace(args, settings: Settings) -> int:
-    spans = traces_from(settings)
-    if not args.ident:
-        found = traces.campaigns(spans)
-        if args.json:
-            print(json.dumps(found, indent=2))
-        for cid, tid in found.items():
-            print(f"campaign {cid}  trace {tid}  services: {', '.join(traces.services_in(spans, tid))}")
-        return 0
-    trace_id = traces.find_trace_id(spans, args.ident)
-    if trace_id is None:
-        return _fail(f"no trace or campaign {args.ident!r} in {settings.traces_dir}", 1)
-    if args.json:
-        print(json.dumps(traces.spans_of(spans, trace_id), indent=2))
-    else:
-        print(traces.format_tree(spans, trace_id))
-    return 0
+# ---- trace ------------------------------------------------------------------------------------
 
 
 def traces_from(settings: Settings) -> list[dict]:
@@ -103,43 +69,28 @@ def traces_from(settings: Settings) -> list[dict]:
     return read_spans(settings.traces_dir)
 
 
-async def _registry(nats_url: str) -> dict[str, tuple[int, RegistryEntry]]:
-    import nats
-    from nats.js.errors import NoKeysError, NotFoundError
-
-    nc = await nats.connect(nats_url, connect_timeout=5, max_reconnect_attempts=1)
-    try:
-        try:
-            kv = await nc.jetstream().key_value(subjects.REGISTRY_BUCKET)
-        except NotFoundError:
-            return {}
-        try:
-            keys = await kv.keys()
-        except NoKeysError:
-            return {}
-        out = {}
-        for key in keys:
-            entry = await kv.get(key)
-            out[key] = (entry.revision, RegistryEntry.model_validate_json(entry.value))
-        return out
-    finally:
-        await nc.close()
-
-
-def cmd_status(args, settings: Settings) -> int:
-    try:
-        registry = asyncio.run(_registry(settings.nats_url))
-    except Exception as e:
-        return _fail(f"could not read the registry at {settings.nats_url}: {e}", 1)
-    if args.json:
-        print(json.dumps({k: {"revision": r, **e.model_dump(mode="json", exclude={"source"})} for k, (r, e) in registry.items()}, indent=2))
+def cmd_trace(args, settings: Settings) -> int:
+    spans = traces_from(settings)
+    if not args.ident:
+        found = traces.campaigns(spans)
+        if args.json:
+            console.print_json(found)
+            return 0
+        if not found:
+            print(f"no campaigns in {settings.traces_dir}")
+        for cid, tid in found.items():
+            print(f"campaign {cid}  trace {tid}  services: {', '.join(traces.services_in(spans, tid))}")
         return 0
-    if not registry:
-        print("no kernels deployed")
-    for key, (revision, entry) in sorted(registry.items()):
-        print(f"{key}  variant {entry.variant_id}  speedup {entry.speedup:.2f}x  rev {revision}  "
-              f"approved by {entry.approved_by}  campaign {entry.campaign_id}")
+    trace_id = traces.find_trace_id(spans, args.ident)
+    if trace_id is None:
+        return console.fail(f"no trace or campaign {args.ident!r} in {settings.traces_dir}", 1)
+    if args.json:
+        console.print_json(traces.spans_of(spans, trace_id))
+    else:
+        print(traces.format_tree(spans, trace_id))
     return 0
+
+# ---- up ---------------------------------------------------------------------------------------
 
 
 def cmd_up(args, settings: Settings) -> int:
@@ -155,13 +106,19 @@ def cmd_up(args, settings: Settings) -> int:
         except KeyboardInterrupt:
             return 130
     loop = supervisor.start(settings.state_dir, nats_url=_given_url())
+    if not args.json:
+        console.progress("starting NATS and the five services")
     try:
         loop.wait_ready()
     except (RuntimeError, TimeoutError) as e:
         loop.stop()
-        return _fail(str(e), 1)
-    print(f"kernelloop up: ready. NATS at {loop.nats_url}; services {', '.join(loop.processes)}; "
-          f"logs in {settings.state_dir / 'logs'}; Ctrl-C stops")
+        return console.fail(str(e), 1)
+    if args.json:
+        print(json.dumps({"ready": True, "nats_url": loop.nats_url, "services": list(loop.processes),
+                          "logs": str(settings.state_dir / "logs")}), flush=True)
+    else:
+        print(f"kernelloop up: ready. NATS at {loop.nats_url}; services {', '.join(loop.processes)}; "
+              f"logs in {settings.state_dir / 'logs'}; Ctrl-C stops", flush=True)
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
     try:
@@ -173,7 +130,7 @@ def cmd_up(args, settings: Settings) -> int:
             time.sleep(0.5)
     except KeyboardInterrupt:
         pass
-    print("kernelloop up: stopping")
+    print("kernelloop up: stopping", file=sys.stderr if args.json else sys.stdout)
     loop.stop()
     return 0
 
@@ -190,15 +147,21 @@ def _shape(text: str) -> list[int]:
 
 
 def _given_url() -> str | None:
-    import os
-
     return os.environ.get("NATS_URL") or None
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kernelloop", description="Keep GPU kernels tuned to the work they really do.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    up = sub.add_parser("up", help="start NATS (unless NATS_URL is set) and the five services")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kernelloop",
+                                     description="Keep GPU kernels tuned to the work they really do.",
+                                     epilog=EPILOG)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_: str, description: str | None = None) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=description or help_, epilog=EPILOG)
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        return p
+
+    up = command("up", "start NATS (unless NATS_URL is set) and the five services")
     up.add_argument("--demo", action="store_true", help="also run the demo workload, and stop when it ends")
     up.add_argument("--embedded", action="store_true", help="with --demo: ignore NATS_URL, use a fresh embedded server")
     up.add_argument("--phase-s", type=float, default=45.0, help="with --demo: seconds of the first usage phase")
@@ -206,21 +169,91 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--shapes", type=_shape, nargs=2, default=[[8, 2048], [16, 4096]], metavar="ROWSxHIDDEN",
                     help="with --demo: the shape before and after the shift")
     up.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"], help="with --demo")
-    pub = sub.add_parser("publish", help="validate an event and publish it")
+
+    command("status", "deployed kernels per hardware, and campaigns in flight with their stage")
+    tail = command("tail", "follow events live, one readable line each",
+                   "Follow events as they arrive (all subjects unless named), one readable line each.")
+    tail.add_argument("subjects", nargs="*", metavar="SUBJECT", help=f"any of: {', '.join(subjects.ALL)}")
+    tail.add_argument("--all", action="store_true", help="start from the oldest kept event, not from now")
+    tail.add_argument("--count", type=int, help="stop after this many events")
+    tail.add_argument("--timeout", type=float, help="stop after this many seconds")
+
+    pub = command("publish", "validate an event and publish it",
+                  "Validate a hand-written event against its subject's schema and publish it as the root of a trace.")
     pub.add_argument("subject", choices=sorted(BY_SUBJECT))
     pub.add_argument("file", help="a JSON file, or - for standard input")
-    sch = sub.add_parser("schema", help="print a subject's JSON schema")
+    sch = command("schema", "print a subject's JSON schema")
     sch.add_argument("subject")
-    tr = sub.add_parser("trace", help="show a campaign's trace (or list campaigns)")
+    tr = command("trace", "show a campaign's trace as a tree with durations (or list campaigns)")
     tr.add_argument("ident", nargs="?", help="campaign id or trace id")
-    sub.add_parser("status", help="deployed kernels per hardware")
-    for p in (pub, tr, sub.choices["status"]):
-        p.add_argument("--json", action="store_true", help="machine-readable output")
-    args = parser.parse_args(argv)
+
+    for name, verb in (("approve", "deploy"), ("reject", "refuse")):
+        p = command(name, f"{verb} the winner of a campaign that awaits approval",
+                    f"Publish a {name} on {subjects.DEPLOY_APPROVAL} and wait for the deployer to act on it.")
+        p.add_argument("campaign", help="the campaign id (see `kernelloop status`)")
+        p.add_argument("--by", help="who decides (default: KERNELLOOP_USER, else the login name)")
+        p.add_argument("--reason", default="", help="why, for the trace and the record")
+        p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the deployer (default 60)")
+
+    rb = command("rollback", "serve a key with its previous variant (or a given registry revision)")
+    rb.add_argument("key", help="<hardware>.<op>.<dtype>.<bucket>")
+    rb.add_argument("--to", type=int, metavar="REV", help="the registry revision whose variant should serve again")
+    rb.add_argument("--by", help="who rolls back (default: KERNELLOOP_USER, else the login name)")
+
+    reg = command("registry", "the history of a registry key (or every deployed key)")
+    reg.add_argument("key", nargs="?", help="<hardware>.<op>.<dtype>.<bucket>")
+
+    hl = command("health", "exit 0 when a service's consumers are pulling or working (container healthchecks)")
+    hl.add_argument("service", choices=sorted({d.split("-")[0] for d in subjects.DURABLE.values()}))
+
+    sim = sub.add_parser("simulate", help="simulated kernel.stats windows (stationary, shifts, bursts, ...)",
+                         description="The detector's stream simulator; `kernelloop simulate --help` lists scenarios.",
+                         add_help=False)
+    sim.add_argument("rest", nargs=argparse.REMAINDER)
+
+    op = command("op", "add an op from a KernelBench-format file (Model, get_inputs, get_init_inputs)")
+    op.add_argument("action", choices=["add"])
+    op.add_argument("file", help="a Python file in the KernelBench problem format")
+    op.add_argument("--name", help="the op's name (default: the file's stem)")
+
+    rp = command("report", "write an HTML page with PNG charts of the loop's history")
+    rp.add_argument("--out", help="folder for report.html and the charts (default: <state dir>/report)")
+    return parser
+
+
+def cmd_op(args, settings: Settings) -> int:
+    from shared.ops.kernelbench import OpFileError, register_op_file
+
+    try:
+        module = register_op_file(args.file, state_dir=settings.state_dir, name=args.name)
+    except (OpFileError, OSError) as e:
+        return console.fail(str(e))
+    found = {"op": module.NAME, "state_dir": str(settings.state_dir)}
+    print(json.dumps(found) if args.json else
+          f"added op {module.NAME}: services sharing {settings.state_dir} observe, tune and deploy it")
+    return 0
+
+
+def cmd_simulate(args, settings: Settings) -> int:
+    from detector.simulator import cli
+
+    return cli(args.rest)
+
+
+HANDLERS = {"op": cmd_op, "simulate": cmd_simulate, "up": cmd_up, "publish": cmd_publish, "schema": cmd_schema, "trace": cmd_trace,
+            "status": views.cmd_status, "tail": views.cmd_tail, "registry": views.cmd_registry,
+            "health": views.cmd_health, "report": views.cmd_report,
+            "approve": gating.cmd_approve, "reject": gating.cmd_reject, "rollback": gating.cmd_rollback}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["simulate"]:  # its own parser, --help included
+        return cmd_simulate(argparse.Namespace(rest=argv[1:]), None)
+    args = build_parser().parse_args(argv)
     use_interpreter_without_gpu()  # before any Triton kernel module is imported
     settings = Settings()
-    handler = {"up": cmd_up, "publish": cmd_publish, "schema": cmd_schema, "trace": cmd_trace, "status": cmd_status}
-    return handler[args.command](args, settings)
+    return HANDLERS[args.command](args, settings)
 
 
 if __name__ == "__main__":

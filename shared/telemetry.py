@@ -61,6 +61,47 @@ def setup_tracing(service: str, traces_dir: Path, otlp_endpoint: str | None = No
     return provider
 
 
+def setup_metrics(service: str, otlp_endpoint: str | None = None, reader=None):
+    """The meter provider of a service: OTLP/HTTP to otlp_endpoint every 15 s when one is given (a
+    metrics backend, e.g. an OpenTelemetry Collector or Prometheus' OTLP receiver; Jaeger takes
+    traces only), or to the given reader (tests); instruments are cheap no-ops without either."""
+    from opentelemetry import metrics
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+    readers = [reader] if reader is not None else []
+    if otlp_endpoint:
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+
+        exporter = OTLPMetricExporter(endpoint=f"{otlp_endpoint.rstrip('/')}/v1/metrics")
+        readers.append(PeriodicExportingMetricReader(exporter, export_interval_millis=15_000))
+    provider = MeterProvider(metric_readers=readers, resource=Resource.create({"service.name": service}))
+    if reader is None:
+        metrics.set_meter_provider(provider)
+    return provider
+
+
+class LoopMetrics:
+    """The loop's counters, named once: campaigns by event, variants by status, deploys, and the
+    benchmark queue (variants waiting, and how long the oldest has waited)."""
+
+    def __init__(self, meter_provider=None):
+        from opentelemetry import metrics
+
+        meter = (meter_provider or metrics.get_meter_provider()).get_meter("kernelloop")
+        self.campaigns = meter.create_counter(
+            "kernelloop.campaigns", unit="{campaign}",
+            description="campaign events: started, deployed, exhausted, held for approval, rejected")
+        self.variants = meter.create_counter("kernelloop.variants", unit="{variant}",
+                                             description="benchmarked variants by status")
+        self.deploys = meter.create_counter("kernelloop.deploys", unit="{deploy}",
+                                            description="registry writes by who approved (gate, person, rollback)")
+        self.queue = meter.create_gauge("kernelloop.benchmark.queue", unit="{variant}",
+                                        description="variant.ready events no benchmarker has taken yet")
+        self.queue_lag = meter.create_gauge("kernelloop.benchmark.queue_lag", unit="s",
+                                            description="age of the oldest variant.ready not yet taken")
+
+
 def read_spans(traces_dir: Path) -> list[dict]:
     spans = []
     for path in sorted(Path(traces_dir).glob("*.jsonl")):

@@ -3,7 +3,9 @@ draw it as a tree with durations and a waterfall bar (what `kernelloop trace` pr
 from collections import defaultdict
 
 # Attributes worth showing beside a span's name, in this order.
-SHOWN = ("kernel_key", "campaign_id", "variant_id", "strategy", "round", "status", "speedup", "reason")
+SHOWN = ("kernel_key", "campaign_id", "variant_id", "strategy", "round", "status", "speedup", "decision", "decided_by",
+         "approved_by", "reason")
+LONGEST = 60  # characters of one attribute value; a tree line should stay one line
 
 
 def find_trace_id(spans: list[dict], ident: str) -> str | None:
@@ -36,7 +38,8 @@ def services_in(spans: list[dict], trace_id: str) -> list[str]:
 
 
 def _short(value) -> str:
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
+    text = f"{value:.3g}" if isinstance(value, float) else str(value)
+    return text if len(text) <= LONGEST else text[:LONGEST - 1] + "…"
 
 
 def format_tree(spans: list[dict], trace_id: str, width: int = 30) -> str:

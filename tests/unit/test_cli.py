@@ -49,3 +49,16 @@ def test_publish_of_invalid_file_publishes_nothing_and_exits_2(tmp_path, capsys)
     # No server is needed: validation fails before any connection is made.
     assert main(["publish", subjects.USAGE_CHANGED, str(bad)]) == 2
     assert "invalid usage.changed" in capsys.readouterr().err
+
+
+def test_op_add_registers_a_kernelbench_file_and_refuses_a_broken_one(tmp_path, monkeypatch, capsys):
+    from pathlib import Path
+
+    monkeypatch.setenv("KERNELLOOP_STATE_DIR", str(tmp_path))
+    example = Path(__file__).resolve().parents[1] / "data" / "kernelbench" / "row_scale.py"
+    assert main(["op", "add", str(example)]) == 0
+    assert "added op row_scale" in capsys.readouterr().out
+    broken = tmp_path / "broken.py"
+    broken.write_text("class Model(:\n")
+    assert main(["op", "add", str(broken)]) == 2
+    assert "syntax error" in capsys.readouterr().err

@@ -1,0 +1,216 @@
+"""The loop's past and present, read back from NATS: events kept in the stream, the registry's
+history per key, and the deployer's campaign states; and one line per event for people to read.
+What `kernelloop status`, `tail`, `registry` and `report` show."""
+import asyncio
+from dataclasses import dataclass
+
+import nats.errors
+import nats.js.errors
+from nats.js import JetStreamContext
+from nats.js.api import DeliverPolicy
+from pydantic import ValidationError
+
+from shared import subjects
+from shared.schemas import (BY_SUBJECT, BenchResult, Deploy, DeployApproval, DeployPending, Event, Hypothesis,
+                            KernelStats, ProfilerTrace, Refine, RegistryEntry, UsageChanged, VariantReady)
+
+
+@dataclass
+class Kept:
+    """One event as the stream keeps it."""
+
+    seq: int
+    subject: str
+    event: Event | None  # None: the message does not parse as its subject's schema
+    raw: bytes
+
+
+def parse(subject: str, data: bytes) -> Event | None:
+    model = BY_SUBJECT.get(subject)
+    try:
+        return model.model_validate_json(data) if model else None
+    except ValidationError:
+        return None  # a foreign or older message; shown raw, never fatal to a reader
+
+
+async def stream_events(js: JetStreamContext, subject: str, limit: int = 100_000) -> list[Kept]:
+    """Every kept event of one subject, oldest first (at most limit)."""
+    try:
+        info = await js.stream_info(subjects.STREAM_NAME, subjects_filter=subject)
+    except nats.js.errors.NotFoundError:
+        return []
+    count = (info.state.subjects or {}).get(subject, 0)
+    if not count:
+        return []
+    sub = await js.subscribe(subject, stream=subjects.STREAM_NAME, ordered_consumer=True,
+                             deliver_policy=DeliverPolicy.ALL)
+    out = []
+    try:
+        while len(out) < min(count, limit):
+            try:
+                msg = await sub.next_msg(timeout=5)
+            except nats.errors.TimeoutError:
+                break  # fewer than counted: some aged out meanwhile
+            out.append(Kept(msg.metadata.sequence.stream, msg.subject, parse(msg.subject, msg.data), msg.data))
+            if msg.metadata.num_pending == 0:
+                break
+    finally:
+        await sub.unsubscribe()
+    return out
+
+
+async def kv(js: JetStreamContext, bucket: str):
+    try:
+        return await js.key_value(bucket)
+    except (nats.js.errors.NotFoundError, nats.js.errors.BucketNotFoundError):
+        return None
+
+
+async def keys(store) -> list[str]:
+    if store is None:
+        return []
+    try:
+        return sorted(await store.keys())
+    except nats.js.errors.NoKeysError:
+        return []
+
+
+async def deployed(js: JetStreamContext) -> dict[str, tuple[int, RegistryEntry]]:
+    """key -> (revision, entry) for every key a variant serves now."""
+    store = await kv(js, subjects.REGISTRY_BUCKET)
+    out = {}
+    for key in await keys(store):
+        try:
+            entry = await store.get(key)
+        except nats.js.errors.KeyNotFoundError:
+            continue  # deleted: the op's fallback serves it
+        out[key] = (entry.revision, RegistryEntry.model_validate_json(entry.value))
+    return out
+
+
+async def registry_history(js: JetStreamContext, key: str) -> list[tuple[int, RegistryEntry | None]]:
+    """Every kept revision of a key, oldest first; None marks a delete (the op's fallback serves)."""
+    store = await kv(js, subjects.REGISTRY_BUCKET)
+    if store is None:
+        return []
+    try:
+        entries = await store.history(key)
+    except nats.js.errors.NoKeysError:
+        return []
+    return [(e.revision, None if e.operation in ("DEL", "PURGE") else RegistryEntry.model_validate_json(e.value))
+            for e in entries]
+
+
+async def campaign_states(js: JetStreamContext) -> list:
+    """The deployer's state of every campaign that has had a benchmark result."""
+    from deployer.campaign import CampaignState
+
+    store = await kv(js, subjects.CAMPAIGN_BUCKET)
+    states = []
+    for key in await keys(store):
+        try:
+            states.append(CampaignState.model_validate_json((await store.get(key)).value))
+        except (nats.js.errors.KeyNotFoundError, ValidationError):
+            continue
+    return states
+
+
+def stage(state) -> str:
+    """Where a campaign the deployer knows stands, in words."""
+    if state.status == "awaiting_approval":
+        w = state.winner
+        return f"awaiting approval: {w.variant_id} at {w.weighted_speedup:.2f}x" if w else "awaiting approval"
+    if state.status != "running":
+        return state.status
+    if state.pending == "deploy":
+        return "deploy"
+    if state.pending == "refine":
+        return f"refine: generating round {state.next_round}"
+    if state.results:
+        r = max(state.results)
+        got = len(state.results[r])
+        size = next(iter(state.results[r].values())).round_size
+        return f"benchmark round {r}: {got}/{size} results"
+    return f"generate round {len(state.closed)}"
+
+
+async def in_flight(js: JetStreamContext) -> list[dict]:
+    """Campaigns not yet deployed, exhausted or rejected, with their stage. A campaign the deployer has
+    not heard of yet (no result so far) is in its first round of generation and benchmarking."""
+    states = {s.campaign.campaign_id: s for s in await campaign_states(js)}
+    rows = []
+    for kept in await stream_events(js, subjects.HYPOTHESIS):
+        if not isinstance(kept.event, Hypothesis):
+            continue
+        c = kept.event.campaign
+        if c.campaign_id not in states:
+            rows.append({"campaign_id": c.campaign_id, "key": str(c.key), "status": "running",
+                         "stage": "generate and benchmark round 0", "started": kept.event.time.isoformat()})
+    for s in states.values():
+        if s.status in ("running", "awaiting_approval"):
+            rows.append({"campaign_id": s.campaign.campaign_id, "key": str(s.campaign.key), "status": s.status,
+                         "stage": stage(s), "rounds_done": s.rounds_done, "reason": s.reason})
+    return rows
+
+
+def _x(value: float | None) -> str:
+    return f"{value:.2f}x" if value is not None else "?"
+
+
+def summary(subject: str, event: Event | None, raw: bytes = b"") -> str:
+    """One line a person reads in `kernelloop tail`."""
+    if event is None:
+        if subject.startswith(subjects.DEAD_LETTER_PREFIX + "."):
+            return f"dead letter: {raw[:200].decode(errors='replace')}"
+        return f"(not a valid {subject} event) {raw[:160]!r}"
+    match event:
+        case KernelStats():
+            per_call = f"{event.time_us_per_call:.1f} us/call" if event.time_us_per_call else "untimed"
+            return f"{event.key}  {event.calls} calls  {per_call}  served by {event.variant_id or 'fallback'}"
+        case UsageChanged():
+            return f"{event.key}  {event.reason}  {event.detail}".rstrip()
+        case Hypothesis():
+            c = event.campaign
+            return (f"campaign {c.campaign_id}  {c.key}  {event.reason}  expected gain {event.expected_gain:.1%}  "
+                    f"budget {c.budget.rounds}x{c.budget.variants_per_round}")
+        case VariantReady():
+            return (f"campaign {event.campaign.campaign_id}  variant {event.variant_id}  {event.strategy}  "
+                    f"round {event.round}  {event.params}")
+        case BenchResult():
+            tail = f"  {event.error[:80]}" if event.error else ""
+            return (f"campaign {event.campaign.campaign_id}  variant {event.variant_id}  {event.status}  "
+                    f"{_x(event.weighted_speedup)} [{_x(event.speedup_ci_low)}, {_x(event.speedup_ci_high)}]{tail}")
+        case Refine():
+            best = f"best {event.best[0].variant_id} {_x(event.best[0].weighted_speedup)}" if event.best else "no best"
+            return f"campaign {event.campaign.campaign_id}  round {event.round}  {event.rounds_left} left  {best}"
+        case Deploy():
+            kind = "rollback" if event.rollback else "deploy"
+            return (f"{event.key}  {kind} {event.variant_id}  {_x(event.speedup)}  rev {event.revision}  "
+                    f"by {event.approved_by}  (was {event.previous_variant_id or 'fallback'})")
+        case DeployPending():
+            return (f"campaign {event.campaign_id}  {event.key}  {event.variant_id}  {_x(event.speedup)}  waits: "
+                    f"{event.policy}")
+        case DeployApproval():
+            return f"campaign {event.campaign_id}  {event.decision} by {event.by}  {event.reason}".rstrip()
+        case ProfilerTrace():
+            return f"{event.source}  {event.hardware}  {len(event.trace.get('traceEvents', []))} trace events"
+    return event.model_dump_json()[:200]
+
+
+async def follow(js: JetStreamContext, subject_list: list[str], on_event, from_start: bool = False) -> None:
+    """Call on_event(Kept) for every event on the subjects as it arrives, until cancelled."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def _put(msg):
+        await queue.put(Kept(msg.metadata.sequence.stream, msg.subject, parse(msg.subject, msg.data), msg.data))
+
+    policy = DeliverPolicy.ALL if from_start else DeliverPolicy.NEW
+    subs = [await js.subscribe(s, stream=subjects.STREAM_NAME, ordered_consumer=True, deliver_policy=policy, cb=_put)
+            for s in subject_list]
+    try:
+        while True:
+            if on_event(await queue.get()) is False:
+                return
+    finally:
+        for sub in subs:
+            await sub.unsubscribe()
