@@ -21,5 +21,22 @@ demo: $(STAMP)
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q
 
+# Speed tables on a CUDA device (eager vs torch.compile vs the best variant), under docs/results/.
+# BENCH_PY: an interpreter that already has CUDA torch (the venv's torch may be the CPU build).
+BENCH_PY ?= $(BIN)/python
+.PHONY: bench
+bench:
+	PYTHONUNBUFFERED=1 $(BENCH_PY) -m bench.bench_ops --out docs/results
+
+# The detector measured like a classifier over the stream simulator (fixed seeds, CPU only).
+.PHONY: bench-detector
+bench-detector: $(STAMP)
+	$(BIN)/python bench/bench_detector.py
+
+# The AsyncAPI reference of every subject, from the services' own declarations; a test fails when stale.
+.PHONY: asyncapi
+asyncapi: $(STAMP)
+	TRITON_INTERPRET=1 $(BIN)/faststream docs gen shared.asyncapi:build_app --factory -o docs/asyncapi.json
+
 clean:
 	rm -rf .kernelloop .pytest_cache

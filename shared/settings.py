@@ -1,5 +1,6 @@
 """The one Settings class. Read once, in a service's __main__; pure functions take plain arguments."""
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -10,6 +11,8 @@ class Settings(BaseSettings):
 
     nats_url: str = Field("nats://127.0.0.1:4222", alias="NATS_URL")
     otel_exporter_otlp_endpoint: str | None = Field(None, alias="OTEL_EXPORTER_OTLP_ENDPOINT")
+    # Metrics go to their own backend (Jaeger takes traces only); none are exported while unset.
+    otel_exporter_otlp_metrics_endpoint: str | None = Field(None, alias="OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
     state_dir: Path = Field(Path(".kernelloop"), alias="KERNELLOOP_STATE_DIR")
 
     # Observer SDK: a window is published every window_s; one call in sample_every is timed.
@@ -17,9 +20,16 @@ class Settings(BaseSettings):
     sample_every: int = Field(8, alias="KERNELLOOP_SAMPLE_EVERY")
 
     # Detector: a bucket must hold this share of its op's time to be worth a campaign.
-    min_time_share: float = Field(0.10, alias="KERNELLOOP_MIN_TIME_SHARE")
+    # 3 %: a bucket with 5 % of the time still clears it in a noisy window (bench/bench_detector.py).
+    min_time_share: float = Field(0.03, alias="KERNELLOOP_MIN_TIME_SHARE")
     confirm_windows: int = Field(2, alias="KERNELLOOP_CONFIRM_WINDOWS")
     cooldown_s: float = Field(600.0, alias="KERNELLOOP_COOLDOWN_S")
+    # Hypothesis stage: below this expected gain (time share x headroom) no campaign starts.
+    min_expected_gain: float = Field(0.01, ge=0, le=1, alias="KERNELLOOP_MIN_EXPECTED_GAIN")
+    # A restarted detector rebuilds its profile from the kernel.stats of this many seconds back.
+    detector_replay_s: float = Field(900.0, ge=0, alias="KERNELLOOP_DETECTOR_REPLAY_S")
+    # A campaign the deployer has no verdict on after this long no longer blocks a new one for its key.
+    campaign_timeout_s: float = Field(3600.0, gt=0, alias="KERNELLOOP_CAMPAIGN_TIMEOUT_S")
 
     # Campaign budget handed to the generator.
     rounds: int = Field(3, alias="KERNELLOOP_ROUNDS")
@@ -32,6 +42,23 @@ class Settings(BaseSettings):
     # Deployer: a candidate must beat the incumbent by this margin at the CI's lower bound.
     min_speedup_margin: float = Field(0.02, alias="KERNELLOOP_MIN_SPEEDUP_MARGIN")
     require_approval: bool = Field(False, alias="KERNELLOOP_REQUIRE_APPROVAL")
+    # Who lets a winner deploy: auto (the gate), manual (a person, always), or manual_above (a
+    # person when the key carries at least approval_share of its op's time). require_approval
+    # is the older spelling of manual and still wins when set.
+    deploy_policy: Literal["auto", "manual", "manual_above"] = Field("auto", alias="KERNELLOOP_DEPLOY_POLICY")
+    approval_share: float = Field(0.5, ge=0, le=1, alias="KERNELLOOP_APPROVAL_SHARE")
+
+    # Generator's LLM strategy: any OpenAI-compatible endpoint; off while no base URL is set.
+    openai_base_url: str | None = Field(None, alias="OPENAI_BASE_URL")
+    openai_api_key: str | None = Field(None, alias="OPENAI_API_KEY")
+    llm_models: str = Field("", alias="KERNELLOOP_LLM_MODELS")  # "model-a:0.7,model-b:0.3", weights optional
+    llm_timeout_s: float = Field(120.0, alias="KERNELLOOP_LLM_TIMEOUT_S")  # per request
+    llm_retries: int = Field(3, alias="KERNELLOOP_LLM_RETRIES")  # on 429, 5xx, timeouts
+    llm_backoff_s: float = Field(2.0, alias="KERNELLOOP_LLM_BACKOFF_S")  # first retry's wait; doubles
+    llm_max_tokens: int = Field(4096, alias="KERNELLOOP_LLM_MAX_TOKENS")  # per completion
+    llm_token_budget: int = Field(200_000, alias="KERNELLOOP_LLM_TOKEN_BUDGET")  # per campaign, prompt + completion
+    # Strategies the generator's bandit may choose from; one that cannot run (no endpoint, no template) is skipped.
+    generator_strategies: str = Field("params,llm,crossover", alias="KERNELLOOP_STRATEGIES")
 
     @property
     def traces_dir(self) -> Path:

@@ -31,6 +31,11 @@ OPS_BUCKET = "kernelloop-ops"              # user-added ops (KernelBench-format 
 OPS_HISTORY = 4
 # The generator's second consumer of bench.result: verdicts into its program database.
 GENERATOR_RESULTS_DURABLE = "generator-results"
+# The detector's campaign guard: kernel key -> the campaign started for it (no second while in flight).
+DETECTOR_BUCKET = "kernelloop-detector"
+DETECTOR_HISTORY = 1
+# The deployer's second consumer of usage.changed: regressions after a deploy, answered by a rollback.
+REGRESSION_DURABLE = "deployer-regression"
 
 # Durable consumer names, one per consuming stage; replicas of a stage share it (a work queue).
 DURABLE = {
@@ -41,4 +46,5 @@ DURABLE = {
     VARIANT_READY: "benchmarker",
     BENCH_RESULT: "deployer",
     PROFILER_TRACE: "observer-traces",
+    DEPLOY_APPROVAL: "deployer-approval",
 }

@@ -35,11 +35,11 @@ def _kernelloop(*args: str, env: dict, timeout: float = 60) -> subprocess.Comple
 async def _registry_entry(nats_url: str, key: str) -> RegistryEntry | None:
     nc = await nats.connect(nats_url)
     try:
-        kv = await nc.jetstream().key_value(subjects.REGISTRY_BUCKET)
         try:
+            kv = await nc.jetstream().key_value(subjects.REGISTRY_BUCKET)
             return RegistryEntry.model_validate_json((await kv.get(key)).value)
-        except nats.js.errors.KeyNotFoundError:
-            return None
+        except (nats.js.errors.BucketNotFoundError, nats.js.errors.KeyNotFoundError):
+            return None  # nothing deployed yet (the deployer creates the bucket on its first write)
     finally:
         await nc.close()
 
