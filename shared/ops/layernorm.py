@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from shared.ops.base import Cost
+from shared.ops import row_buckets
 
 NAME = "layernorm"
 DTYPES = ("float32", "float16", "bfloat16")
@@ -33,21 +34,12 @@ def make_inputs(shape: list[int], dtype: torch.dtype, device: str, seed: int) ->
     return (x, weight, bias)
 
 
-_ROW_BUCKETS = ((16, "r16"), (256, "r256"), (4096, "r4k"))
-
-
 def shape_bucket(shape: list[int]) -> str:
-    hidden, rows = shape[-1], math.prod(shape[:-1])
-    for limit, name in _ROW_BUCKETS:
-        if rows <= limit:
-            return f"h{hidden}-{name}"
-    return f"h{hidden}-rbig"
+    return row_buckets.bucket(shape, "h")
 
 
 def example_shapes(bucket: str) -> list[list[int]]:
-    hidden_part, rows_part = bucket.split("-", 1)
-    rows = {"r16": 16, "r256": 256, "r4k": 4096, "rbig": 16384}[rows_part]
-    return [[rows, int(hidden_part.removeprefix("h"))]]
+    return row_buckets.example(bucket)
 
 
 def cost(shape: list[int], dtype: torch.dtype) -> Cost:
@@ -59,9 +51,7 @@ def cost(shape: list[int], dtype: torch.dtype) -> Cost:
 SPACE = {"BLOCK": [256, 512, 1024, 2048, 4096, 8192], "ROWS": [1, 2, 4], "num_warps": [1, 2, 4, 8, 16]}
 
 
-def prune(params: dict, profile) -> bool:
-    hidden = max(s.shape[-1] for s in profile)
-    return params["BLOCK"] > 2 * (1 << (hidden - 1).bit_length())
+prune = row_buckets.block_too_wide
 
 
 DEFAULT = {"BLOCK": 1024, "ROWS": 1, "num_warps": 4}

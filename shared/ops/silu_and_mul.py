@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from shared.ops.base import Cost
+from shared.ops import row_buckets
 
 NAME = "silu_and_mul"
 DTYPES = ("float32", "float16", "bfloat16")
@@ -39,22 +40,13 @@ def make_inputs(shape: list[int], dtype: torch.dtype, device: str, seed: int) ->
     return (x,)
 
 
-_ROW_BUCKETS = ((16, "r16"), (256, "r256"), (4096, "r4k"))
-
-
 def shape_bucket(shape: list[int]) -> str:
     """Input width exactly (2 * intermediate size), rows in decode / small / prefill ranges."""
-    width, rows = shape[-1], math.prod(shape[:-1])
-    for limit, name in _ROW_BUCKETS:
-        if rows <= limit:
-            return f"h{width}-{name}"
-    return f"h{width}-rbig"
+    return row_buckets.bucket(shape, "h")
 
 
 def example_shapes(bucket: str) -> list[list[int]]:
-    width_part, rows_part = bucket.split("-", 1)
-    rows = {"r16": 16, "r256": 256, "r4k": 4096, "rbig": 16384}[rows_part]
-    return [[rows, int(width_part.removeprefix("h"))]]
+    return row_buckets.example(bucket)
 
 
 def cost(shape: list[int], dtype: torch.dtype) -> Cost:

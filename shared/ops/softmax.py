@@ -8,6 +8,7 @@ import math
 import torch
 
 from shared.ops.base import Cost
+from shared.ops import row_buckets
 
 NAME = "softmax"
 DTYPES = ("float32", "float16", "bfloat16")
@@ -35,22 +36,13 @@ def make_inputs(shape: list[int], dtype: torch.dtype, device: str, seed: int) ->
     return (x,)
 
 
-_ROW_BUCKETS = ((16, "r16"), (256, "r256"), (4096, "r4k"))
-
-
 def shape_bucket(shape: list[int]) -> str:
     """Row length exactly (a vocabulary, a context length), rows in decode / small / prefill ranges."""
-    cols, rows = shape[-1], math.prod(shape[:-1])
-    for limit, name in _ROW_BUCKETS:
-        if rows <= limit:
-            return f"n{cols}-{name}"
-    return f"n{cols}-rbig"
+    return row_buckets.bucket(shape, "n")
 
 
 def example_shapes(bucket: str) -> list[list[int]]:
-    cols_part, rows_part = bucket.split("-", 1)
-    rows = {"r16": 16, "r256": 256, "r4k": 4096, "rbig": 16384}[rows_part]
-    return [[rows, int(cols_part.removeprefix("n"))]]
+    return row_buckets.example(bucket, "n")
 
 
 def cost(shape: list[int], dtype: torch.dtype) -> Cost:
