@@ -2,8 +2,9 @@
 reference on odd M, N, K (decode M = 1 included), fp16 and bf16; split-K's reduction checked."""
 import pytest
 import torch
+from support import op_checks
 
-from shared import hardware, variants
+from shared import hardware
 from shared.ops import matmul as op
 from shared.ops import torch_dtype
 
@@ -20,13 +21,10 @@ SHAPES = [[3, 37, 53], [1, 19, 600], [17, 33, 100]]
 
 
 def _launcher(params, tmp_path_factory):
-    source = variants.render(op.TEMPLATE, params)
-    assert variants.static_problems(source) == []
-    return variants.load(source, params, variants.variant_id(source, params), tmp_path_factory.getbasetemp() / "variants")
+    return op_checks.launcher(op, params, tmp_path_factory)
 
 
-def _rel_err(y, ref):
-    return ((y.float() - ref.float()).norm() / ref.float().norm()).item()
+_rel_err = op_checks.rel_err
 
 
 @pytest.mark.parametrize("params", POINTS, ids=lambda p: "-".join(f"{k}{v}" for k, v in p.items()))

@@ -3,8 +3,9 @@ import itertools
 
 import pytest
 import torch
+from support import op_checks
 
-from shared import hardware, variants
+from shared import hardware
 from shared.ops import rmsnorm, torch_dtype
 
 # torch reference ------------------------------------------------------------------------------
@@ -18,13 +19,10 @@ SHAPES = [[3, 1000], [5, 2049], [2, 3, 77], [1, 1]]
 
 
 def _launcher(params, tmp_path_factory):
-    source = variants.render(rmsnorm.TEMPLATE, params)
-    assert variants.static_problems(source) == []
-    return variants.load(source, params, variants.variant_id(source, params), tmp_path_factory.getbasetemp() / "variants")
+    return op_checks.launcher(rmsnorm, params, tmp_path_factory)
 
 
-def _rel_err(y, ref):
-    return ((y.float() - ref.float()).norm() / ref.float().norm()).item()
+_rel_err = op_checks.rel_err
 
 
 @pytest.mark.parametrize("params", POINTS, ids=lambda p: f"B{p['BLOCK']}-R{p['ROWS']}-W{p['num_warps']}")

@@ -2,27 +2,24 @@
 and GPT-J), odd shapes, every dtype."""
 import pytest
 import torch
+from support import op_checks
 
-from shared import hardware, variants
+from shared import hardware
 from shared.ops import rotary as op
 from shared.ops import torch_dtype
 
 # torch reference ------------------------------------------------------------------------------
 # op.reference: pairs (i, i + d/2) for NeoX or (2i, 2i+1) for GPT-J rotated by each token's angle.
 
-POINTS = [dict(op.DEFAULT, **{name: value}) for name, values in op.SPACE.items() for value in values
-          if value != op.DEFAULT[name] and not (name == "num_warps" and hardware.interpreted())] + [op.DEFAULT]
+POINTS = op_checks.space_points(op)
 SHAPES = [[3, 5, 10], [1, 1, 2], [7, 3, 66]]
 
 
 def _launcher(params, tmp_path_factory):
-    source = variants.render(op.TEMPLATE, params)
-    assert variants.static_problems(source) == []
-    return variants.load(source, params, variants.variant_id(source, params), tmp_path_factory.getbasetemp() / "variants")
+    return op_checks.launcher(op, params, tmp_path_factory)
 
 
-def _rel_err(y, ref):
-    return ((y.float() - ref.float()).norm() / ref.float().norm()).item()
+_rel_err = op_checks.rel_err
 
 
 @pytest.mark.parametrize("params", POINTS, ids=lambda p: "-".join(f"{k}{v}" for k, v in p.items()))

@@ -1,39 +1,30 @@
 """silu_and_mul: each value of every SPACE dimension against the torch reference, odd shapes, every dtype."""
 import pytest
 import torch
+from support import op_checks
 
-from shared import hardware, variants
+from shared import hardware
 from shared.ops import silu_and_mul as op
 from shared.ops import torch_dtype
 
 # torch reference ------------------------------------------------------------------------------
 # op.reference: y = silu(x[..., :d]) * x[..., d:], in fp32, one rounding on the way out.
 
-# Each value of each dimension once, the others at DEFAULT: the interpreter is too slow for the
-# whole product, and num_warps changes nothing there.
-POINTS = [dict(op.DEFAULT, **{name: value}) for name, values in op.SPACE.items() for value in values
-          if value != op.DEFAULT[name] and not (name == "num_warps" and hardware.interpreted())] + [op.DEFAULT]
+POINTS = op_checks.space_points(op)
 SHAPES = [[3, 2000], [2, 3, 154], [1, 4098], [1, 2]]
 
 
 def _launcher(params, tmp_path_factory):
-    source = variants.render(op.TEMPLATE, params)
-    assert variants.static_problems(source) == []
-    return variants.load(source, params, variants.variant_id(source, params), tmp_path_factory.getbasetemp() / "variants")
+    return op_checks.launcher(op, params, tmp_path_factory)
 
 
-def _rel_err(y, ref):
-    return ((y.float() - ref.float()).norm() / ref.float().norm()).item()
+_rel_err = op_checks.rel_err
 
 
 @pytest.mark.parametrize("params", POINTS, ids=lambda p: "-".join(f"{k}{v}" for k, v in p.items()))
 def test_every_space_value_matches_reference_on_odd_shapes_in_every_dtype(params, tmp_path_factory):
     launch = _launcher(params, tmp_path_factory)
-    # the dtypes take turns over the shapes (each point sees all three); DEFAULT gets every pair
-    pairs = [(i, s, op.DTYPES[i % len(op.DTYPES)]) for i, s in enumerate(SHAPES)]
-    if params == op.DEFAULT:
-        pairs = [(i, s, d) for i, s in enumerate(SHAPES) for d in op.DTYPES]
-    for i, shape, dtype in pairs:
+    for i, shape, dtype in op_checks.dtype_pairs(op, params, SHAPES):
         (x,) = op.make_inputs(shape, torch_dtype(dtype), hardware.device(), seed=i)
         y = launch(x)
         assert list(y.shape) == shape[:-1] + [shape[-1] // 2] and y.dtype == x.dtype
