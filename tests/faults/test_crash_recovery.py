@@ -42,6 +42,12 @@ async def _deploys(nc) -> list[Deploy]:
         return []
 
 
+async def _longest_ack_wait(nc) -> float:
+    js = nc.jetstream()
+    return max([(await js.consumer_info(subjects.STREAM_NAME, d)).config.ack_wait or 0
+                for d in subjects.DURABLE.values()])
+
+
 async def _unfinished(nc) -> dict[str, tuple[int, int]]:
     """Durable consumers with messages not yet delivered or not yet acked."""
     js = nc.jetstream()
@@ -72,10 +78,15 @@ async def _campaign_with_a_crash(nats_url: str, loop: supervisor.Loop, victim: s
             assert not loop.dead(), f"{loop.dead()} exited; see {loop.state_dir / 'logs'}"
             assert time.monotonic() < deadline, "the campaign did not complete after the crash"
             await asyncio.sleep(2)
-        await asyncio.sleep(3)  # let anything duplicated arrive
+        # The killed process's in-flight message comes back only after its ack_wait: wait for every
+        # consumer to drain, so a duplicate deploy from that redelivery would be seen.
+        deadline = time.monotonic() + await _longest_ack_wait(nc) + 60
+        while (unfinished := await _unfinished(nc)) and time.monotonic() < deadline:
+            await asyncio.sleep(1)
+        await asyncio.sleep(3)  # let anything the last redelivery published arrive
         kv = await nc.jetstream().key_value(subjects.REGISTRY_BUCKET)
         history = await kv.history(str(KEY))
-        return await _deploys(nc), history, await _unfinished(nc)
+        return await _deploys(nc), history, unfinished
     finally:
         await nc.close()
 
