@@ -34,7 +34,7 @@ ABOUT = {
 # Subjects published from outside the five services.
 CLIENTS = {
     subjects.KERNEL_STATS: "Workload",  # the observer SDK inside the inference process
-    subjects.PROFILER_TRACE: "Workload",
+    subjects.PROFILER_TRACE: "People",  # `kernelloop observe trace`; the workload user may send kernel.stats only
     subjects.USAGE_CHANGED: "People",  # e.g. a planned model roll-out
     subjects.DEPLOY_APPROVAL: "People",
 }

@@ -114,6 +114,11 @@ class Hardware(Model):
     torch: str
     triton: str
     host: str = ""
+    # What a kernel writer needs to know of a GPU; None on the interpreter or when not measured.
+    sm_count: int | None = Field(None, ge=1)
+    memory_gib: float | None = Field(None, gt=0, allow_inf_nan=False)
+    copy_gbps: float | None = Field(None, gt=0, allow_inf_nan=False)  # measured, bytes read + written
+    matmul_tflops: float | None = Field(None, gt=0, allow_inf_nan=False)  # measured, bf16 dense
 
 
 class ShapeTiming(Model):
@@ -212,6 +217,9 @@ class BenchResult(Event):
     incumbent: str = ""  # what the candidate was compared with, in words
     hardware: Hardware
     method: str = ""
+    # sha256 of the source bytes the worker executed and measured. Optional so that results kept
+    # from before it existed (stream history, campaign state in KV) still validate.
+    measured_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
 
 
 class Failure(Model):
@@ -305,6 +313,43 @@ class ProfilerTrace(Event):
     source: str = Field(min_length=1, max_length=256)
     hardware: str = Field(pattern=_TOKEN, max_length=64)
     trace: dict[str, Any]
+
+
+class MappedOp(Model):
+    """A catalog op's calls in one profiler trace: the key, and which trace ops were taken for it."""
+
+    key: KernelKey
+    calls: int = Field(ge=0)
+    time_us: float = Field(ge=0, allow_inf_nan=False)
+    share: float = Field(ge=0, le=1, allow_inf_nan=False)  # of the trace's op time
+    from_ops: list[str] = Field(default_factory=list)  # e.g. aten::linear, the HF RMSNorm pattern
+
+
+class UnmappedOp(Model):
+    """A hot op of a profiler trace that no catalog op covers: where a new op would pay."""
+
+    name: str
+    calls: int = Field(ge=0)
+    time_us: float = Field(ge=0, allow_inf_nan=False)
+    share: float = Field(ge=0, le=1, allow_inf_nan=False)
+    shape: list[int] | None = None  # its first input's most common dims
+    dtype: str | None = None
+    note: str = ""  # why a catalog op did not take it, when one almost did (a dtype it lacks)
+
+
+class TraceSummary(Model):
+    """What the observer service made of one profiler trace; kept in TRACE_SUMMARY_BUCKET."""
+
+    trace_id: str  # the profiler.trace event id, or the file or object it came from
+    source: str
+    hardware: str
+    ingested_at: datetime = Field(default_factory=_now)
+    status: Literal["ok", "partial", "rejected"]
+    error: str | None = None
+    total_time_us: float = Field(0.0, ge=0, allow_inf_nan=False)
+    mapped: list[MappedOp] = Field(default_factory=list)
+    unmapped: list[UnmappedOp] = Field(default_factory=list)
+    skipped: list[str] = Field(default_factory=list)
 
 
 BY_SUBJECT: dict[str, type[Event]] = {

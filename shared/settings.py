@@ -18,6 +18,12 @@ class Settings(BaseSettings):
     # Observer SDK: a window is published every window_s; one call in sample_every is timed.
     window_s: float = Field(5.0, alias="KERNELLOOP_WINDOW_S")
     sample_every: int = Field(8, alias="KERNELLOOP_SAMPLE_EVERY")
+    # Sampling observer (observe(model) or observe(step_fn)): the profiler records profile_active
+    # steps in every profile_every. A profiled step costs tens of ms of host time (recording,
+    # export, conversion), so 1 in 1000 keeps a few-ms step's overhead near 1 %
+    # (bench/bench_observe_overhead.py) and still profiles every few seconds at serving rates.
+    profile_every: int = Field(1000, ge=2, alias="KERNELLOOP_PROFILE_EVERY")
+    profile_active: int = Field(1, ge=1, alias="KERNELLOOP_PROFILE_ACTIVE")
 
     # Detector: a bucket must hold this share of its op's time to be worth a campaign.
     # 3 %: a bucket with 5 % of the time still clears it in a noisy window (bench/bench_detector.py).
@@ -38,6 +44,9 @@ class Settings(BaseSettings):
     # Benchmarker.
     bench_timeout_s: float = Field(300.0, alias="KERNELLOOP_BENCH_TIMEOUT_S")
     bench_reps: int = Field(20, alias="KERNELLOOP_BENCH_REPS")
+    # Host memory a benchmark worker may map (RLIMIT_DATA): a variant that blows up dies alone, not
+    # the machine. Device memory is bounded by the card; CUDA's address reservations do not count.
+    bench_memory_gb: float = Field(16.0, gt=0, alias="KERNELLOOP_BENCH_MEMORY_GB")
 
     # Deployer: a candidate must beat the incumbent by this margin at the CI's lower bound.
     min_speedup_margin: float = Field(0.02, alias="KERNELLOOP_MIN_SPEEDUP_MARGIN")
@@ -57,8 +66,16 @@ class Settings(BaseSettings):
     llm_backoff_s: float = Field(2.0, alias="KERNELLOOP_LLM_BACKOFF_S")  # first retry's wait; doubles
     llm_max_tokens: int = Field(4096, alias="KERNELLOOP_LLM_MAX_TOKENS")  # per completion
     llm_token_budget: int = Field(200_000, alias="KERNELLOOP_LLM_TOKEN_BUDGET")  # per campaign, prompt + completion
+    llm_prices: str = Field("", alias="KERNELLOOP_LLM_PRICES")  # "model-a:2.5/10,...": USD per 1M prompt/completion tokens
+    llm_cost_budget_usd: float | None = Field(None, alias="KERNELLOOP_LLM_COST_BUDGET_USD", gt=0)  # per campaign
     # Strategies the generator's bandit may choose from; one that cannot run (no endpoint, no template) is skipped.
     generator_strategies: str = Field("params,llm,crossover", alias="KERNELLOOP_STRATEGIES")
+
+    # Observer service: a folder polled for dropped profiler traces (*.json, *.json.gz; off while
+    # unset), how often it and the object-store inbox are polled, and the largest trace taken.
+    trace_dir: Path | None = Field(None, alias="KERNELLOOP_TRACE_DIR")
+    trace_poll_s: float = Field(2.0, gt=0, alias="KERNELLOOP_TRACE_POLL_S")
+    trace_max_mb: float = Field(256.0, gt=0, alias="KERNELLOOP_TRACE_MAX_MB")
 
     @property
     def traces_dir(self) -> Path:

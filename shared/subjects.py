@@ -36,6 +36,11 @@ DETECTOR_BUCKET = "kernelloop-detector"
 DETECTOR_HISTORY = 1
 # The deployer's second consumer of usage.changed: regressions after a deploy, answered by a rollback.
 REGRESSION_DURABLE = "deployer-regression"
+# Profiler traces: an object-store inbox the observer ingests and empties, and what it made of each
+# trace (TraceSummary, keyed <hardware>.<source>) for `kernelloop status`.
+TRACE_OBJECT_BUCKET = "kernelloop-traces"
+TRACE_SUMMARY_BUCKET = "kernelloop-trace-summaries"
+TRACE_SUMMARY_HISTORY = 1
 
 # Durable consumer names, one per consuming stage; replicas of a stage share it (a work queue).
 DURABLE = {
