@@ -33,6 +33,11 @@ bench:
 bench-detector: $(STAMP)
 	$(BIN)/python bench/bench_detector.py
 
+# 100 simulated workload processes x 10 kernel.stats windows/s for 60 s into the detector service.
+.PHONY: bench-load
+bench-load: $(STAMP)
+	$(BIN)/python bench/bench_load.py
+
 # The AsyncAPI reference of every subject, from the services' own declarations; a test fails when stale.
 .PHONY: asyncapi
 asyncapi: $(STAMP)

@@ -9,11 +9,11 @@ import asyncio
 import logging
 from datetime import datetime, timedelta, timezone
 
-from faststream import FastStream
-from faststream.nats import NatsMessage
+from faststream import Context, FastStream
+from faststream.nats.message import NatsBatchMessage
 from nats.js.errors import KeyDeletedError, KeyNotFoundError
 from opentelemetry import context as otel_context
-from opentelemetry import trace
+from opentelemetry import propagate, trace
 from opentelemetry.trace import Link, Status, StatusCode, TracerProvider
 from pydantic import ValidationError
 
@@ -22,7 +22,7 @@ from detector.hypothesis import build_hypothesis, incumbent_from, peaks_for, ran
 from detector.inflight import CampaignGuard
 from detector.replay import replay
 from shared import subjects
-from shared.broker import durable_subscriber, make_broker, publish, stream
+from shared.broker import batch_subscriber, durable_subscriber, handle_each, make_broker, publish, stream
 from shared.schemas import Budget, Hypothesis, KernelKey, KernelStats, RegistryEntry, UsageChanged
 from shared.settings import Settings
 
@@ -62,12 +62,13 @@ def build_app(settings: Settings, tracer_provider: TracerProvider | None = None)
             log.error("registry entry %s is not a RegistryEntry (%s); treating the key as unserved", key, e)
             return None
 
-    async def restore(msg: NatsMessage | None = None) -> None:
-        """Replay the last detector_replay_s of kernel.stats; up to msg (a live window) when given."""
+    async def restore(raw=None) -> None:
+        """Replay the last detector_replay_s of kernel.stats; up to raw (a live window's raw
+        message) when given."""
         async with restoring:
             if restored:
                 return
-            meta = getattr(msg.raw_message, "metadata", None) if msg is not None else None
+            meta = getattr(raw, "metadata", None) if raw is not None and getattr(raw, "reply", None) else None
             since = datetime.now(timezone.utc) - timedelta(seconds=settings.detector_replay_s)
             done = await replay(broker.connection.jetstream(), detector, since,
                                 meta.sequence.stream if meta else None)
@@ -75,8 +76,8 @@ def build_app(settings: Settings, tracer_provider: TracerProvider | None = None)
             log.info("rebuilt the workload profile from %d kernel.stats windows of the last %.0f s",
                      done.windows, settings.detector_replay_s)
 
-    def replayed(msg: NatsMessage) -> bool:
-        meta = getattr(msg.raw_message, "metadata", None)
+    def replayed(raw) -> bool:
+        meta = raw.metadata if getattr(raw, "reply", None) else None
         return meta is not None and meta.sequence.stream <= restored[0]
 
     async def learn_promise(stats: KernelStats) -> None:
@@ -103,22 +104,30 @@ def build_app(settings: Settings, tracer_provider: TracerProvider | None = None)
         ranked = [hypotheses[h.event_id][1] for h in rank([h for h, _ in hypotheses.values()])]
         return ranked + [c for c in changes if c not in ranked]
 
-    # One window at a time, in stream order: a pull batch is handled concurrently, and windows
-    # judged out of order would be counted as late.
-    @durable_subscriber(broker, subjects.KERNEL_STATS, ack_wait_s=ACK_WAIT_S)
-    async def on_kernel_stats(stats: KernelStats, msg: NatsMessage) -> None:
-        await restore(msg)
-        if replayed(msg):
+    # A fleet sends hundreds of windows a second: they come in batches, judged one by one in stream
+    # order (windows judged out of order would be counted as late).
+    @batch_subscriber(broker, subjects.KERNEL_STATS, ack_wait_s=ACK_WAIT_S)
+    async def on_kernel_stats(body: list[bytes], msg: NatsBatchMessage = Context("message")) -> None:
+        if not msg.raw_message:
+            return
+        await restore(msg.raw_message[0])
+        await handle_each(broker, KernelStats, msg.raw_message, on_window)
+
+    async def on_window(stats: KernelStats, raw) -> None:
+        if replayed(raw):
             return  # the restore counted it already
         await learn_promise(stats)
         for change in await by_expected_gain(detector.observe(stats)):
-            # A campaign is one trace rooted where the change was detected; the window that
-            # tipped it stays reachable through a link.
-            window = trace.get_current_span().get_span_context()
-            links = [Link(window)] if window.is_valid else []
+            # A campaign is one trace rooted where the change was detected; the window that tipped
+            # it stays reachable through links: to the trace it was published in, if any, and to
+            # the span of the batch that brought it.
+            published = trace.get_current_span(propagate.extract(raw.headers or {})).get_span_context()
+            batch = trace.get_current_span().get_span_context()
+            links = [Link(c, {"link": name}) for c, name in ((published, "published"), (batch, "consumed"))
+                     if c.is_valid]
             with tracer.start_as_current_span("detect", context=otel_context.Context(), links=links) as span:
                 span.set_attributes({"op": change.key.op, "kernel_key": str(change.key), "bucket": change.key.bucket,
-                                     "reason": change.reason,
+                                     "reason": change.reason, "window_seq": raw.metadata.sequence.stream,
                                      "time_share": change.after.time_share if change.after else 0.0})
                 await publish(broker, subjects.USAGE_CHANGED, change)
             log.info("usage changed for %s (%s): %s", change.key, change.reason, change.detail)

@@ -32,8 +32,9 @@ def backoff_s(deliveries: int) -> float:
     return BACKOFF_S[min(max(deliveries, 1), len(BACKOFF_S)) - 1]
 
 
-def dead_letter(msg: NatsMessage, exc: BaseException, deliveries: int) -> DeadLetter:
-    raw = msg.raw_message
+def dead_letter(msg, exc: BaseException, deliveries: int) -> DeadLetter:
+    """msg: a FastStream NatsMessage, or a raw nats-py message."""
+    raw = getattr(msg, "raw_message", msg)
     meta = getattr(raw, "metadata", None) if getattr(raw, "reply", None) else None
     return DeadLetter(
         subject=raw.subject,
@@ -46,11 +47,42 @@ def dead_letter(msg: NatsMessage, exc: BaseException, deliveries: int) -> DeadLe
     )
 
 
-def _deliveries(msg: NatsMessage) -> int:
+def deliveries_of(raw) -> int:
     try:
-        return msg.raw_message.metadata.num_delivered
+        return raw.metadata.num_delivered
     except Exception:  # a core-NATS message has no JetStream metadata: it is its first delivery
         return 1
+
+
+def _deliveries(msg: NatsMessage) -> int:
+    return deliveries_of(msg.raw_message)
+
+
+async def send(broker, raw, exc: BaseException, deliveries: int) -> DeadLetter:
+    """Publish the dead letter of one raw message (the caller acks it)."""
+    letter = dead_letter(raw, exc, deliveries)
+    await broker.publish(letter.model_dump(mode="json"), f"{subjects.DEAD_LETTER_PREFIX}.{letter.subject}",
+                         headers={"Nats-Msg-Id": f"dead-{letter.consumer}-{letter.stream_seq or letter.event_id}"},
+                         stream=subjects.STREAM_NAME)
+    log.error("dead-lettered %s (seq %s) after %d deliveries: %s", letter.subject, letter.stream_seq,
+              deliveries, letter.reason)
+    return letter
+
+
+async def retry_or_dead_letter(broker, raw, exc: BaseException) -> None:
+    """One raw message whose handling failed: retried later, or dead-lettered after its last delivery."""
+    await _failed(broker, raw, exc, deliveries_of(raw), raw.ack, raw.nak)
+
+
+async def _failed(broker, msg, exc: BaseException, deliveries: int, ack, nack) -> None:
+    if isinstance(exc, PERMANENT) or deliveries >= MAX_DELIVER:
+        await send(broker, msg, exc, deliveries)
+        await ack()
+        return
+    delay = backoff_s(deliveries)
+    await nack(delay=delay)
+    subject = getattr(msg, "raw_message", msg).subject
+    log.warning("%s on %s (delivery %d): retrying in %.0f s", reason_of(exc), subject, deliveries, delay)
 
 
 def middleware() -> ExceptionMiddleware:
@@ -60,19 +92,10 @@ def middleware() -> ExceptionMiddleware:
     async def on_error(exc: Exception, message=Context(), broker=Context()) -> None:
         # message: NatsMessage, broker: NatsBroker; untyped, as fast_depends refuses the Annotated
         # aliases beside a Context() default
-        deliveries = _deliveries(message)
-        if isinstance(exc, PERMANENT) or deliveries >= MAX_DELIVER:
-            letter = dead_letter(message, exc, deliveries)
-            await broker.publish(letter.model_dump(mode="json"), f"{subjects.DEAD_LETTER_PREFIX}.{letter.subject}",
-                                 headers={"Nats-Msg-Id": f"dead-{letter.consumer}-{letter.stream_seq or letter.event_id}"},
-                                 stream=subjects.STREAM_NAME)
-            await message.ack()
-            log.error("dead-lettered %s (seq %s) after %d deliveries: %s", letter.subject, letter.stream_seq,
-                      deliveries, letter.reason)
+        if isinstance(message.raw_message, list):  # a batch: each message that is left, on its own
+            for raw in [m for m in message.raw_message if not m.is_acked]:
+                await retry_or_dead_letter(broker, raw, exc)
             return
-        delay = backoff_s(deliveries)
-        await message.nack(delay=delay)
-        log.warning("%s on %s (delivery %d): retrying in %.0f s", reason_of(exc), message.raw_message.subject,
-                    deliveries, delay)
+        await _failed(broker, message, exc, _deliveries(message), message.ack, message.nack)
 
     return errors
