@@ -126,7 +126,8 @@ def build_app(settings: Settings, tracer_provider: TracerProvider | None = None)
         if used != arm:
             span.set_attribute("strategy_fallback", used)
         if record.llm_calls:
-            span.set_attributes({"llm_calls": record.llm_calls, "llm_tokens_used": record.tokens_used})
+            span.set_attributes({"llm_calls": record.llm_calls, "llm_tokens_used": record.tokens_used,
+                                 "llm_cost_usd": record.cost_usd})
         best_before = max([1.0] + [s.speedup_ci_low for s in best])
         new = [Program(variant_id=v.variant_id, source=v.source, params=v.params, strategy=v.strategy,
                        parents=v.parents, campaign_id=campaign.campaign_id, round=round, bucket=campaign.key.bucket,
@@ -140,6 +141,7 @@ def build_app(settings: Settings, tracer_provider: TracerProvider | None = None)
 
         def remember(r) -> None:
             r.tokens_used, r.llm_calls = max(r.tokens_used, record.tokens_used), max(r.llm_calls, record.llm_calls)
+            r.cost_usd = max(r.cost_usd, record.cost_usd)
             r.attempts = record.attempts
             if ready:
                 r.rounds[round] = RoundRecord(arm=used, variant_ids=[v.variant_id for v in ready],
@@ -167,6 +169,7 @@ def build_app(settings: Settings, tracer_provider: TracerProvider | None = None)
         if mine:
             latest = max(mine, key=lambda p: p.round)
             context.incumbent_timings, context.hardware_name = latest.timings, latest.hardware_name
+            context.hardware = latest.hardware
         context.programs = db.programs
         return LLMStrategy(client, context, record, rng, tracer)
 

@@ -26,7 +26,7 @@ from nats.js.kv import KeyValue
 from pydantic import Field
 
 from shared import subjects
-from shared.schemas import BenchResult, Failure, KernelKey, Model, Scored, ShapeTiming
+from shared.schemas import BenchResult, Failure, Hardware, KernelKey, Model, Scored, ShapeTiming
 
 N_ISLANDS = 3
 MIGRATE_EVERY = 2
@@ -52,6 +52,7 @@ class Program(Model):
     speedup_ci_low: float | None = None
     timings: list[ShapeTiming] = Field(default_factory=list)
     hardware_name: str | None = None
+    hardware: Hardware | None = None  # where the timings were measured: SMs and measured peaks for prompts
 
     @property
     def fitness(self) -> float | None:
@@ -80,6 +81,7 @@ class CampaignRecord(Model):
 
     campaign_id: str
     tokens_used: int = 0
+    cost_usd: float = 0.0  # at KERNELLOOP_LLM_PRICES; 0 for unpriced models
     llm_calls: int = 0
     attempts: list[Attempt] = Field(default_factory=list)
     rounds: dict[int, RoundRecord] = Field(default_factory=dict)
@@ -116,7 +118,7 @@ class ProgramDatabase:
         if old is not None and old.status != "pending":  # a re-proposal never forgets a verdict
             program = program.model_copy(update={k: getattr(old, k) for k in
                                                  ("status", "error", "weighted_speedup", "speedup_ci_low",
-                                                  "timings", "hardware_name", "islands")})
+                                                  "timings", "hardware_name", "hardware", "islands")})
         self.programs[program.variant_id] = program
 
     def record(self, result: BenchResult) -> Program | None:
@@ -126,6 +128,7 @@ class ProgramDatabase:
         program.status, program.error = result.status, result.error
         program.weighted_speedup, program.speedup_ci_low = result.weighted_speedup, result.speedup_ci_low
         program.timings, program.hardware_name = list(result.timings), result.hardware.name
+        program.hardware = result.hardware
         return program
 
     def learn(self, failures: list[Failure], best: list[Scored]) -> None:

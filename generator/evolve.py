@@ -52,7 +52,8 @@ class LLMStrategy:
         return self.client.config
 
     def propose(self, request: Request) -> Iterator[Candidate]:
-        budget = TokenBudget(self.config.token_budget, self.record.tokens_used)
+        budget = TokenBudget(self.config.token_budget, self.record.tokens_used, self.config.cost_budget_usd,
+                             self.record.cost_usd)
         seen = set(request.tried)
         if request.campaign.incumbent.variant_id:
             seen.add(request.campaign.incumbent.variant_id)
@@ -61,11 +62,10 @@ class LLMStrategy:
             parents = parents[:1]
         failed_in_a_row = 0
         for _ in range(max_calls(request.n)):
-            if budget.left < MIN_CALL_TOKENS:
-                self._attempt(request.round, "-", "budget_spent",
-                              f"token budget of {budget.limit} spent ({budget.used} used)")
-                return
             model = self.config.pick(self.rng)
+            if budget.left_for(self.config.price(model)) < MIN_CALL_TOKENS:
+                self._attempt(request.round, "-", "budget_spent", budget.spent(self.config.price(model)))
+                return
             source, status = self._one_call(request, model, budget, seen)
             if status == "error":
                 return  # a 4xx other than 429 (bad model name, bad key): more calls fail the same way
@@ -86,14 +86,15 @@ class LLMStrategy:
             span.set_attributes({"campaign_id": request.campaign.campaign_id, "round": request.round,
                                  "model": model, "task": self.context.task, "prompt": trim(prompt_text),
                                  "prompt_chars": len(prompt_text)})
-            completion = self.client.complete(messages, model, min(self.config.max_tokens, budget.left))
-            budget.used += completion.tokens
-            self.record.tokens_used = budget.used
+            price = self.config.price(model)
+            completion = self.client.complete(messages, model, min(self.config.max_tokens, budget.left_for(price)))
+            cost = budget.charge(completion, price)
+            self.record.tokens_used, self.record.cost_usd = budget.used, budget.cost_usd
             self.record.llm_calls += 1
             span.set_attributes({"completion": trim(completion.text), "prompt_tokens": completion.prompt_tokens,
                                  "completion_tokens": completion.completion_tokens, "attempts": completion.attempts,
-                                 "tokens_used": budget.used, "tokens_left": budget.left,
-                                 "call_status": completion.status})
+                                 "tokens_used": budget.used, "tokens_left": budget.left, "cost_usd": cost,
+                                 "cost_used_usd": budget.cost_usd, "call_status": completion.status})
             source, vid = None, None
             if completion.status != "ok":
                 status, detail = completion.status, completion.error or ""

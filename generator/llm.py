@@ -1,10 +1,10 @@
 """The LLM through any OpenAI-compatible endpoint: an ensemble of weighted models, one chat
 completion per call with a timeout, retries with exponential back-off on rate limits, server
-errors and timeouts, a token budget per campaign, and code parsed out of the answer (a whole file,
-or SEARCH/REPLACE edits against the parent).
+errors and timeouts, a token and a money budget per campaign, and code parsed out of the answer (a
+whole file, or SEARCH/REPLACE edits against the parent).
 
 Every call is one `llm.call` span on the campaign's trace with the (trimmed) prompt and completion,
-the token counts, the model and how the call ended.
+the token counts, what it cost, the model and how the call ended.
 """
 import logging
 import random
@@ -30,6 +30,34 @@ MAX_BACKOFF_S = 60.0
 class ModelChoice:
     name: str
     weight: float
+
+
+@dataclass(frozen=True)
+class Price:
+    """What a model's tokens cost, in USD per million (the unit every provider's price list uses)."""
+
+    prompt: float = 0.0
+    completion: float = 0.0
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (prompt_tokens * self.prompt + completion_tokens * self.completion) / 1e6
+
+
+def parse_prices(spec: str) -> dict[str, Price]:
+    """"model-a:2.5/10,model-b:0.15/0.6" -> USD per million prompt/completion tokens per model."""
+    prices = {}
+    for item in (part.strip() for part in spec.split(",")):
+        if not item:
+            continue
+        name, sep, pair = item.rpartition(":")
+        prompt, slash, completion = pair.partition("/")
+        if not sep or not name or not slash or not _is_number(prompt) or not _is_number(completion):
+            raise ValueError(f"KERNELLOOP_LLM_PRICES: {item!r} is not MODEL:PROMPT/COMPLETION "
+                             "(USD per million tokens, e.g. my-model:2.5/10)")
+        if float(prompt) < 0 or float(completion) < 0:
+            raise ValueError(f"KERNELLOOP_LLM_PRICES: prices of {name!r} must not be negative")
+        prices[name] = Price(float(prompt), float(completion))
+    return prices
 
 
 def parse_models(spec: str) -> list[ModelChoice]:
@@ -65,6 +93,8 @@ class LLMConfig:
     backoff_s: float = 2.0
     max_tokens: int = 4096
     token_budget: int = 200_000
+    prices: dict[str, Price] = field(default_factory=dict)  # unpriced models (local servers) cost nothing
+    cost_budget_usd: float | None = None  # per campaign; None: only the token budget limits
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "LLMConfig | None":
@@ -75,10 +105,20 @@ class LLMConfig:
         if not models:
             raise ValueError("OPENAI_BASE_URL is set but KERNELLOOP_LLM_MODELS names no model "
                              "(e.g. KERNELLOOP_LLM_MODELS=my-model or model-a:0.7,model-b:0.3)")
+        prices = parse_prices(settings.llm_prices)
+        unpriced = [m.name for m in models if m.name not in prices]
+        if settings.llm_cost_budget_usd is not None and unpriced:
+            # a money budget over models of unknown price would limit nothing: say so rather than guess
+            raise ValueError(f"KERNELLOOP_LLM_COST_BUDGET_USD is set but KERNELLOOP_LLM_PRICES gives no price "
+                             f"for {', '.join(unpriced)} (e.g. {unpriced[0]}:2.5/10, USD per million tokens)")
         # local servers (vLLM, Ollama) take any key; the client insists on one
         return cls(base_url=settings.openai_base_url, api_key=settings.openai_api_key or "none", models=models,
                    timeout_s=settings.llm_timeout_s, retries=settings.llm_retries, backoff_s=settings.llm_backoff_s,
-                   max_tokens=settings.llm_max_tokens, token_budget=settings.llm_token_budget)
+                   max_tokens=settings.llm_max_tokens, token_budget=settings.llm_token_budget, prices=prices,
+                   cost_budget_usd=settings.llm_cost_budget_usd)
+
+    def price(self, model: str) -> Price:
+        return self.prices.get(model, Price())
 
     def pick(self, rng: random.Random) -> str:
         return rng.choices([m.name for m in self.models], weights=[m.weight for m in self.models])[0]
@@ -105,14 +145,37 @@ class Completion:
 
 @dataclass
 class TokenBudget:
-    """Tokens a campaign may still spend; shared by every LLM call of the campaign."""
+    """Tokens and money a campaign may still spend; shared by every LLM call of the campaign."""
 
     limit: int
     used: int = 0
+    cost_limit_usd: float | None = None
+    cost_usd: float = 0.0
 
     @property
     def left(self) -> int:
         return max(self.limit - self.used, 0)
+
+    def left_for(self, price: Price) -> int:
+        """Tokens one call to a model of this price may still use: the token budget's rest, and no
+        more than the money left buys at the model's dearer rate (so one call cannot overspend)."""
+        left = self.left
+        rate = max(price.prompt, price.completion)
+        if self.cost_limit_usd is not None and rate > 0:
+            left = min(left, int(max(self.cost_limit_usd - self.cost_usd, 0.0) / rate * 1e6))
+        return left
+
+    def charge(self, completion: "Completion", price: Price) -> float:
+        cost = price.cost(completion.prompt_tokens, completion.completion_tokens)
+        self.used += completion.tokens
+        self.cost_usd += cost
+        return cost
+
+    def spent(self, price: Price) -> str:
+        """Why no call to a model of this price fits any more, for the attempt's record."""
+        if self.left_for(price) < self.left:  # the money, not the tokens, ran out first
+            return f"cost budget of ${self.cost_limit_usd:g} spent (${self.cost_usd:.4f} used, {self.used} tokens)"
+        return f"token budget of {self.limit} spent ({self.used} used, ${self.cost_usd:.4f})"
 
 
 class LLMClient:

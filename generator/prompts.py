@@ -9,7 +9,7 @@ from types import ModuleType
 from generator.database import Attempt, Program
 from generator.llm import trim
 from shared.ops import torch_dtype
-from shared.schemas import Campaign, ShapeTiming
+from shared.schemas import Campaign, Hardware, ShapeTiming
 from shared.variants import ALLOWED_IMPORTS, render
 
 SOURCE_CHARS = 8000  # per program in a prompt
@@ -42,6 +42,7 @@ class PromptContext:
     inspirations: list[Program] = field(default_factory=list)
     incumbent_timings: list[ShapeTiming] = field(default_factory=list)
     hardware_name: str | None = None
+    hardware: Hardware | None = None  # SMs and measured peaks, when a benchmark on a GPU has reported them
     programs: dict[str, Program] = field(default_factory=dict)  # outcomes of earlier attempts, by id
 
     @property
@@ -73,6 +74,28 @@ def contract(op: ModuleType) -> str:
     return f"{(op.__doc__ or '').strip()}\nThe launcher's signature: `{launch}`."
 
 
+def describe_hardware(hw: Hardware | None, fallback: str) -> str:
+    """The GPU as a kernel writer sizes a grid for it: its SMs, and the peaks measured on it."""
+    if hw is None:
+        return fallback
+    facts = [f"{hw.sm_count} SMs" if hw.sm_count else None,
+             f"{hw.memory_gib:g} GiB" if hw.memory_gib else None,
+             f"measured copy bandwidth {hw.copy_gbps:,.0f} GB/s (bytes read + written)" if hw.copy_gbps else None,
+             f"measured bf16 matmul {hw.matmul_tflops:,.0f} TFLOP/s" if hw.matmul_tflops else None]
+    facts = [f for f in facts if f]
+    return f"{hw.name} ({', '.join(facts)})" if facts else hw.name
+
+
+def _of_peaks(cost, us: float, hw: Hardware | None) -> str:
+    """How far the incumbent is from this GPU's measured peaks: the room a rewrite has."""
+    shares = []
+    if hw and hw.copy_gbps:
+        shares.append(f"{cost.bytes_moved / us / 1e3 / hw.copy_gbps:.0%} of measured copy bandwidth")
+    if hw and hw.matmul_tflops and cost.flops:
+        shares.append(f"{cost.flops / us / 1e6 / hw.matmul_tflops:.0%} of measured matmul rate")
+    return "".join(f", {s}" for s in shares)
+
+
 def build_messages(ctx: PromptContext, attempts: list[Attempt]) -> list[dict]:
     c, op = ctx.campaign, ctx.op
     dtype = torch_dtype(c.key.dtype)
@@ -86,9 +109,9 @@ def build_messages(ctx: PromptContext, attempts: list[Attempt]) -> list[dict]:
         line = f"- shape {ws.shape}: weight {ws.weight:.3g}, {cost.flops:.3g} FLOPs, {cost.bytes_moved:.3g} bytes"
         if tuple(ws.shape) in inc_us:
             us = inc_us[tuple(ws.shape)]
-            line += f"; incumbent {us:.1f} us ({cost.bytes_moved / us / 1e3:.2f} GB/s)"
+            line += f"; incumbent {us:.1f} us ({cost.bytes_moved / us / 1e3:.2f} GB/s{_of_peaks(cost, us, ctx.hardware)})"
         lines.append(line)
-    hardware = ctx.hardware_name or c.key.hardware
+    hardware = describe_hardware(ctx.hardware, ctx.hardware_name or c.key.hardware)
     if c.key.hardware == "cpu-interpreter":
         hardware += " (Triton's interpreter on a CPU: fewer, larger blocks and fewer loop trips win there)"
     parts.append(f"## Workload profile (weights are shares of production calls)\n" + "\n".join(lines)

@@ -10,7 +10,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from generator.database import CampaignRecord
 from generator.evolve import LLMStrategy
-from generator.llm import LLMClient, LLMConfig, ModelChoice, parse_answer, parse_models
+from generator.llm import LLMClient, LLMConfig, ModelChoice, Price, parse_answer, parse_models, parse_prices
 from generator.prompts import PromptContext
 from generator.search import propose_round
 from shared.ops import rmsnorm
@@ -152,6 +152,44 @@ def test_the_token_budget_ends_the_round(spans):
     assert record.attempts[-1].status == "budget_spent"
 
 
+def test_prices_parse_per_model_and_bad_ones_are_named():
+    assert parse_prices("big:2.5/10, ollama:llama3:0/0") == {"big": Price(2.5, 10.0), "ollama:llama3": Price(0.0, 0.0)}
+    for bad in ("big:2.5", "big:x/1", ":1/2", "big:-1/2"):
+        with pytest.raises(ValueError, match="KERNELLOOP_LLM_PRICES"):
+            parse_prices(bad)
+
+
+def test_a_cost_budget_needs_a_price_for_every_model(monkeypatch):
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:1/v1")
+    monkeypatch.setenv("KERNELLOOP_LLM_MODELS", "big,small")
+    monkeypatch.setenv("KERNELLOOP_LLM_COST_BUDGET_USD", "0.5")
+    monkeypatch.setenv("KERNELLOOP_LLM_PRICES", "big:2.5/10")
+    with pytest.raises(ValueError, match="no price for small"):
+        LLMConfig.from_settings(Settings())
+    monkeypatch.setenv("KERNELLOOP_LLM_PRICES", "big:2.5/10,small:0.1/0.4")
+    cfg = LLMConfig.from_settings(Settings())
+    assert cfg.cost_budget_usd == 0.5 and cfg.price("small") == Price(0.1, 0.4)
+
+
+def test_the_cost_budget_ends_the_round_and_every_call_says_what_it_cost(spans):
+    tracer, exporter = spans
+    # 100 prompt + 200 completion tokens at $100/$200 per million: $0.05 a call. A call must be able
+    # to hold 1024 tokens at the dearer rate ($0.2048), so $0.36 pays for four calls, not a fifth.
+    price = {"model-a": Price(100.0, 200.0)}
+    with ScriptedLLM([answer(answers.PROSE)], repeat_last=True) as server:
+        ready, record = run_round(server, tracer, n=4,
+                                  cfg=config(server.base_url, prices=price, cost_budget_usd=0.36, max_tokens=4000))
+    assert ready == []
+    assert len(server.requests) == 4
+    assert record.cost_usd == pytest.approx(0.2)
+    assert record.attempts[-1].status == "budget_spent" and "cost budget of $0.36" in record.attempts[-1].detail
+    calls = [s for s in exporter.get_finished_spans() if s.name == "llm.call"]
+    assert [s.attributes["cost_usd"] for s in calls] == pytest.approx([0.05] * 4)
+    assert calls[-1].attributes["cost_used_usd"] == pytest.approx(0.2)
+    # each call may write only what the money left buys: $0.36, 0.31, 0.26, 0.21 at $200 per million
+    assert [r["max_tokens"] for r in server.requests] == pytest.approx([1800, 1550, 1300, 1050], abs=1)
+
+
 def test_rate_limits_past_the_retries_end_as_a_status_and_stop_the_round(spans):
     with ScriptedLLM([error(429)], repeat_last=True) as server:
         ready, record = run_round(server, spans[0], n=1, cfg=config(server.base_url, retries=1))
@@ -184,3 +222,20 @@ def test_the_generator_says_which_strategies_are_active():
     assert active_strategies(on) == (["llm"], "")
     with pytest.raises(ValueError, match="unknown strategy genetic"):
         active_strategies(Settings(KERNELLOOP_STRATEGIES="params,genetic"))
+
+
+def test_the_prompt_gives_the_gpu_s_sms_and_how_far_the_incumbent_is_from_its_measured_peaks():
+    from generator.prompts import build_messages
+    from shared.schemas import Hardware, ShapeTiming
+
+    gpu = Hardware(key="nvidia-h100-80gb-hbm3", name="NVIDIA H100 80GB HBM3", interpreter=False, torch="2.11",
+                   triton="3.6", sm_count=132, memory_gib=79.2, copy_gbps=3000.0, matmul_tflops=780.0)
+    c = campaign().model_copy(update={"key": campaign().key.model_copy(update={"hardware": gpu.key})})
+    ctx = PromptContext(rmsnorm, c, 1, hardware=gpu,
+                        incumbent_timings=[ShapeTiming(shape=[16, 1024], weight=1.0, incumbent_us=2.0, incumbent_spread_us=0.1,
+                                                       candidate_us=2.0, candidate_spread_us=0.1, speedup=1.0)])
+    prompt = "\n".join(m["content"] for m in build_messages(ctx, []))
+    assert "NVIDIA H100 80GB HBM3 (132 SMs, 79.2 GiB, measured copy bandwidth 3,000 GB/s" in prompt
+    # rmsnorm of 16x1024 fp32 moves 2 x 64 KiB + the weight: about 135 kB in 2 us = 67 GB/s = 2% of 3000
+    assert "GB/s, 2% of measured copy bandwidth" in prompt
+    assert "Triton's interpreter" not in prompt
