@@ -13,7 +13,7 @@ from shared.broker import durable_subscriber, make_broker, publish, stream
 from shared.schemas import BenchResult, VariantReady
 from shared.settings import Settings
 
-from benchmarker.worker import Stage, abort_all, benchmark, prepare
+from benchmarker.worker import MEMORY_GB, Stage, abort_all, benchmark, prepare
 
 log = logging.getLogger("kernelloop.benchmarker")
 
@@ -26,7 +26,8 @@ def build_app(settings: Settings, tracer_provider: TracerProvider | None = None)
 
     @durable_subscriber(broker, subjects.VARIANT_READY)  # heartbeats hold the message while it runs
     async def on_variant_ready(variant: VariantReady) -> None:
-        result = await benchmark_traced(tracer, variant, settings.bench_reps, settings.bench_timeout_s, cache_dir)
+        result = await benchmark_traced(tracer, variant, settings.bench_reps, settings.bench_timeout_s, cache_dir,
+                                        settings.bench_memory_gb)
         await publish(broker, subjects.BENCH_RESULT, result)
 
     app.on_startup(prepare)
@@ -35,7 +36,7 @@ def build_app(settings: Settings, tracer_provider: TracerProvider | None = None)
 
 
 async def benchmark_traced(tracer: Tracer, variant: VariantReady, reps: int, timeout_s: float,
-                           cache_dir: Path) -> BenchResult:
+                           cache_dir: Path, memory_gb: float = MEMORY_GB) -> BenchResult:
     """benchmark() off the event loop (so the connection keeps heart-beating), under one span with
     the worker's stages as child spans placed at the times the worker reported."""
     key = variant.campaign.key
@@ -44,7 +45,7 @@ async def benchmark_traced(tracer: Tracer, variant: VariantReady, reps: int, tim
                   "round": variant.round}
     with tracer.start_as_current_span("benchmark", attributes=attributes) as span:
         stages: list[Stage] = []
-        result = await asyncio.to_thread(benchmark, variant, reps, timeout_s, cache_dir, stages.append)
+        result = await asyncio.to_thread(benchmark, variant, reps, timeout_s, cache_dir, stages.append, memory_gb)
         for stage in stages:
             # Spans cannot cross the process boundary; the worker's stage times become spans here.
             child = tracer.start_span(stage.name, start_time=stage.start_ns, attributes={**attributes, **stage.attributes})

@@ -3,9 +3,12 @@ on CUDA by device events with L2 flushed (256 MB written) and a short device-sid
 every call (so the host's launch path is not timed), elsewhere by wall clock around each call.
 Per shape: median and IQR of the reps. Weighted speedup =
 sum w*median(incumbent) / sum w*median(candidate) with the profile's weights normalised (the
-expected time saved on the production mix); 95% CI by bootstrap, reps resampled within each shape."""
+expected time saved on the production mix); 95% CI by bootstrap, reps resampled within each shape.
+With a guard (a benchmark's is benchmarker/check.py's TimedCheck), every call, warm-up included,
+gets input values no call saw before and has its output checked against the reference, both outside
+the timed window, so no result can be carried between reps."""
 import time
-from typing import Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -17,50 +20,78 @@ FLUSH_BYTES = 256 * 2**20  # larger than any current GPU's L2, so every rep star
 SLACK_CYCLES = 1_000_000
 
 
+class Guard(Protocol):
+    """What runs around each call outside its timed window (benchmarker/check.py's TimedCheck):
+    before(i) and after(i, output) for fns[i]; call(i, fn, args) makes the timed call itself."""
+
+    def before(self, i: int) -> None: ...
+
+    def call(self, i: int, fn: Callable, args: tuple) -> Any: ...
+
+    def after(self, i: int, out: Any) -> None: ...
+
+
+class Unguarded:
+    def before(self, i: int) -> None:
+        pass
+
+    def call(self, i: int, fn: Callable, args: tuple) -> Any:
+        return fn(*args)
+
+    def after(self, i: int, out: Any) -> None:
+        pass
+
+
 def time_pair(incumbent: Callable, candidate: Callable, args: tuple, reps: int, warmup: int,
-              device: str) -> tuple[list[float], list[float]]:
+              device: str, guard: Guard | None = None) -> tuple[list[float], list[float]]:
     """Per-rep times in us of incumbent(*args) and candidate(*args), interleaved in one run."""
-    inc, cand = time_interleaved([incumbent, candidate], args, reps, warmup, device)
+    inc, cand = time_interleaved([incumbent, candidate], args, reps, warmup, device, guard)
     return inc, cand
 
 
 def time_interleaved(fns: Sequence[Callable], args: tuple, reps: int, warmup: int,
-                     device: str) -> list[list[float]]:
+                     device: str, guard: Guard | None = None) -> list[list[float]]:
     """Per-rep times in us of each fn(*args), the fns taking turns within every rep (A B C A B C),
     so a drift of clocks or temperature hits all of them alike."""
+    guard = guard or Unguarded()
     for _ in range(warmup):
-        for fn in fns:
-            fn(*args)
+        for i, fn in enumerate(fns):
+            guard.before(i)
+            guard.after(i, guard.call(i, fn, args))
     if device == "cuda":
-        return _time_cuda(fns, args, reps)
-    return _time_wall(fns, args, reps)
+        return _time_cuda(fns, args, reps, guard)
+    return _time_wall(fns, args, reps, guard)
 
 
-def _time_cuda(fns: Sequence[Callable], args: tuple, reps: int) -> list[list[float]]:
+def _time_cuda(fns: Sequence[Callable], args: tuple, reps: int, guard: Guard) -> list[list[float]]:
     flush = torch.empty(FLUSH_BYTES, dtype=torch.int8, device="cuda")
     sleep = getattr(torch.cuda, "_sleep", None)
     events: list[list] = [[] for _ in fns]
     for _ in range(reps):
-        for fn, out in zip(fns, events):
-            flush.zero_()  # outside the events: the flush is not part of the kernel's time
+        for i, (fn, out) in enumerate(zip(fns, events)):
+            guard.before(i)
+            flush.zero_()  # outside the events, after the guard's writes: every rep starts cold
             if sleep is not None:
                 sleep(SLACK_CYCLES)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn(*args)
+            result = guard.call(i, fn, args)
             end.record()
+            guard.after(i, result)
             out.append((start, end))
     torch.cuda.synchronize()  # one sync at the end: no host round trip between reps
     return [[s.elapsed_time(e) * 1e3 for s, e in pairs] for pairs in events]  # ms -> us
 
 
-def _time_wall(fns: Sequence[Callable], args: tuple, reps: int) -> list[list[float]]:
+def _time_wall(fns: Sequence[Callable], args: tuple, reps: int, guard: Guard) -> list[list[float]]:
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(reps):
-        for fn, out in zip(fns, times):
+        for i, (fn, out) in enumerate(zip(fns, times)):
+            guard.before(i)
             start = time.perf_counter()
-            fn(*args)
+            result = guard.call(i, fn, args)
             out.append((time.perf_counter() - start) * 1e6)
+            guard.after(i, result)
     return times
 
 

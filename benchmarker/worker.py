@@ -8,6 +8,7 @@ in milliseconds instead of seconds.
 """
 import multiprocessing
 import multiprocessing.forkserver
+import resource
 import secrets
 import signal
 import threading
@@ -20,10 +21,10 @@ from typing import Any, Callable
 from shared import hardware
 from shared.ops import get_op, torch_dtype
 from shared.schemas import BenchResult, Campaign, ShapeTiming, VariantReady
-from shared.variants import load, render, static_problems, variant_id
+from shared.variants import load, load_measured, render, static_problems, variant_id
 
 from benchmarker import timing
-from benchmarker.check import LaunchError, check, shape_text
+from benchmarker.check import HostCompute, LaunchError, TimedCheck, check, host_compute_message, shape_text
 
 # Imported once in the fork server, so no child pays for them.
 PRELOAD = ["torch", "triton", "triton.language", "shared.ops", "shared.variants", "shared.hardware",
@@ -31,6 +32,7 @@ PRELOAD = ["torch", "triton", "triton.language", "shared.ops", "shared.variants"
 CHECK_TRIALS = {"cuda": 5, "cpu": 2}  # the interpreter is ~1000x slower: fewer trials there
 WARMUP = {"cuda": 3, "cpu": 1}  # on a GPU the first calls compile and fill caches
 N_BOOT = 1000
+MEMORY_GB = 16.0  # shared/settings.py's bench_memory_gb
 
 
 @dataclass
@@ -44,11 +46,13 @@ class Stage:
 
 
 def benchmark(variant: VariantReady, reps: int, timeout_s: float, cache_dir: Path,
-              on_stage: Callable[[Stage], None] | None = None) -> BenchResult:
+              on_stage: Callable[[Stage], None] | None = None, memory_gb: float = MEMORY_GB) -> BenchResult:
     """Check and time `variant` against its campaign's incumbent in a fresh process."""
     seed = secrets.randbits(31)  # fresh inputs every benchmark: a variant cannot learn them
-    outcome = _run_child(variant, reps, timeout_s, Path(cache_dir), seed, on_stage or (lambda stage: None))
-    fields: dict[str, Any] = {"status": outcome["status"], "error": outcome.get("error")}
+    outcome = _run_child(variant, reps, timeout_s, Path(cache_dir), seed, on_stage or (lambda stage: None),
+                         memory_gb)
+    fields: dict[str, Any] = {"status": outcome["status"], "error": outcome.get("error"),
+                              "measured_sha256": outcome.get("sha256")}
     if outcome["status"] == "ok":
         fields.update(_summarise(outcome["times"], seed))
     device = hardware.device()
@@ -62,7 +66,7 @@ def benchmark(variant: VariantReady, reps: int, timeout_s: float, cache_dir: Pat
         round=variant.round,
         round_size=variant.round_size,
         incumbent=describe_incumbent(variant.campaign, device),
-        hardware=hardware.fingerprint(),
+        hardware=hardware.fingerprint(measure=True),
         method=describe_method(reps, device),
         **fields,
     )
@@ -79,6 +83,12 @@ def abort_all() -> None:
         for child in list(_LIVE):
             _ABORTED.add(child)
             child.kill()
+
+
+def running_workers() -> dict[str, int]:
+    """Worker process name (bench-<variant id>) -> pid, for every worker running now."""
+    with _LIVE_LOCK:
+        return {child.name: child.pid for child in _LIVE}
 
 
 def prepare() -> None:
@@ -127,10 +137,11 @@ def _context() -> multiprocessing.context.BaseContext:
 
 
 def _run_child(variant: VariantReady, reps: int, timeout_s: float, cache_dir: Path, seed: int,
-               on_stage: Callable[[Stage], None]) -> dict:
+               on_stage: Callable[[Stage], None], memory_gb: float) -> dict:
     ctx = _context()
     receiver, sender = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_child_main, args=(sender, variant.model_dump_json(), reps, str(cache_dir), seed),
+    child = ctx.Process(target=_child_main,
+                        args=(sender, variant.model_dump_json(), reps, str(cache_dir), seed, memory_gb),
                         name=f"bench-{variant.variant_id}", daemon=True)
     with _LIVE_LOCK:
         child.start()  # blocks until the fork server is up, so its start-up is outside the deadline
@@ -194,14 +205,45 @@ def _summarise(times: list[dict], seed: int) -> dict[str, Any]:
 # ---- child: everything below runs in the worker process ----------------------------------------
 
 
-def _child_main(conn, variant_json: str, reps: int, cache_dir: str, seed: int) -> None:
+def _child_main(conn, variant_json: str, reps: int, cache_dir: str, seed: int, memory_gb: float) -> None:
+    limit_memory(memory_gb)
     variant = VariantReady.model_validate_json(variant_json)
+    measured: dict[str, str] = {}
     try:
-        outcome = _run_variant(variant, reps, Path(cache_dir), seed, conn)
+        outcome = _run_variant(variant, reps, Path(cache_dir), seed, conn, measured)
     except Exception as e:  # our own failure, or the device's after a bad kernel (e.g. illegal address)
-        outcome = {"status": "crashed", "error": f"{type(e).__name__}: {e}"}
-    conn.send(("done", outcome))
+        outcome = {"status": "crashed", "error": _error_text(e)}
+    conn.send(("done", {**outcome, **measured}))
     conn.close()
+
+
+def limit_memory(memory_gb: float) -> None:
+    """Cap the host memory this process may map. RLIMIT_DATA, not RLIMIT_AS: CUDA reserves far more
+    address space than it uses, and those reservations are not data."""
+    limit = int(memory_gb * 2**30)
+    _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    resource.setrlimit(resource.RLIMIT_DATA, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
+
+
+def out_of_memory(error: BaseException | None) -> bool:
+    """A failed allocation, on the host (past limit_memory) or on the device."""
+    while error is not None:
+        if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
+            return True
+        if isinstance(error, RuntimeError) and ("can't allocate memory" in str(error) or "out of memory" in str(error)):
+            return True
+        error = error.__cause__
+    return False
+
+
+def _error_text(e: BaseException) -> str:
+    text = f"{type(e).__name__}: {e}"
+    return f"out of memory (a worker may map {_memory_text()}): {text}" if out_of_memory(e) else text
+
+
+def _memory_text() -> str:
+    soft, _ = resource.getrlimit(resource.RLIMIT_DATA)
+    return "any amount" if soft == resource.RLIM_INFINITY else f"{soft / 2**30:g} GiB"
 
 
 @contextmanager
@@ -214,7 +256,7 @@ def _stage(conn, name: str, **attributes):
         conn.send(("stage", {"name": name, "start_ns": start, "end_ns": time.time_ns(), "attributes": attributes}))
 
 
-def _run_variant(variant: VariantReady, reps: int, cache_dir: Path, seed: int, conn) -> dict:
+def _run_variant(variant: VariantReady, reps: int, cache_dir: Path, seed: int, conn, measured: dict) -> dict:
     key, profile = variant.campaign.key, variant.campaign.profile
     device = hardware.device()
     with _stage(conn, "compile") as attrs:
@@ -233,21 +275,27 @@ def _run_variant(variant: VariantReady, reps: int, cache_dir: Path, seed: int, c
             return {"status": "rejected", "error": f"campaign.key: {e.args[0]}"}
         dtype = torch_dtype(key.dtype)
         try:
-            candidate = load(variant.source, variant.params, variant.variant_id, cache_dir)
+            candidate, measured["sha256"] = load_measured(variant.source, variant.params, variant.variant_id, cache_dir)
             # The first call compiles on a GPU. No sync here: a kernel that faults the device
             # surfaces in the check, and is a crash rather than a compile error.
             candidate(*op.make_inputs(list(op.ODD_SHAPES[0]), dtype, device, seed))
         except Exception as e:
-            attrs["status"] = "compile_error"
-            return {"status": "compile_error", "error": f"{type(e).__name__}: {e}"}
+            status = "crashed" if out_of_memory(e) else "compile_error"
+            attrs["status"] = status
+            return {"status": status, "error": _error_text(e)}
 
     trials = CHECK_TRIALS[device]
     with _stage(conn, "check", trials=trials) as attrs:
         try:
             ok, message = check(candidate, op, dtype, [s.shape for s in profile], device, trials, seed)
+        except HostCompute as e:  # not a kernel at all: refused like a static problem
+            status, ok, message = "rejected", False, str(e)
         except LaunchError as e:
-            status = "compile_error" if _compile_failure(e.__cause__) else "incorrect"
-            ok, message = False, str(e)
+            if out_of_memory(e):
+                status, ok, message = "crashed", False, _error_text(e)
+            else:
+                status = "compile_error" if _compile_failure(e.__cause__) else "incorrect"
+                ok, message = False, str(e)
         else:
             status = "ok" if ok else "incorrect"
         attrs.update(status=status, detail=message)
@@ -259,10 +307,19 @@ def _run_variant(variant: VariantReady, reps: int, cache_dir: Path, seed: int, c
     except Exception as e:  # it served production, so this is the machine's problem, not the candidate's
         return {"status": "crashed", "error": f"incumbent failed to load: {type(e).__name__}: {e}"}
     times = []
+    tolerance = op.TOLERANCE[key.dtype]
     for ws in profile:
-        with _stage(conn, "time", shape=shape_text(ws.shape), reps=reps):
+        with _stage(conn, "time", shape=shape_text(ws.shape), reps=reps) as attrs:
             args = op.make_inputs(ws.shape, dtype, device, seed)
-            inc, cand = timing.time_pair(incumbent, candidate, args, reps, WARMUP[device], device)
+            guard = TimedCheck(op, args, tolerance, seed, checked=1)  # 1: the candidate
+            inc, cand = timing.time_pair(incumbent, candidate, args, reps, WARMUP[device], device, guard)
+            if computed := guard.computed():
+                attrs["status"] = "rejected"
+                return {"status": "rejected",
+                        "error": host_compute_message(computed, f"timed calls, shape {shape_text(ws.shape)}")}
+            if problem := guard.verdict():
+                attrs["status"] = "incorrect"
+                return {"status": "incorrect", "error": f"{problem}, shape {shape_text(ws.shape)}"}
         times.append({"shape": ws.shape, "weight": ws.weight, "incumbent_us": inc, "candidate_us": cand})
     return {"status": "ok", "times": times}
 

@@ -8,6 +8,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from shared.schemas import BenchResult
+from shared.variants import source_sha256, variant_id
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,8 @@ def refusal(result: BenchResult, margin: float) -> str:
     """Why a result may not be deployed, in words; empty when it may."""
     if result.status != "ok":
         return f"status {result.status}" + (f": {result.error}" if result.error else "")
+    if problem := hash_problem(result):
+        return problem
     if result.weighted_speedup is None or result.speedup_ci_low is None:
         return "no speedup measured"
     # A speedup measured on other hardware says nothing about the key it would be deployed on.
@@ -33,6 +36,21 @@ def refusal(result: BenchResult, margin: float) -> str:
         return f"measured on {result.hardware.key}, not on {result.campaign.key.hardware}"
     if result.speedup_ci_low <= 1.0 + margin:
         return f"CI lower bound {result.speedup_ci_low:.3f} does not clear 1 + margin = {1.0 + margin:.3f}"
+    return ""
+
+
+def hash_problem(result: BenchResult) -> str:
+    """Why the source the result carries (and the registry would get) is not the code that was
+    measured, in words; empty when it is. A result without a measured hash (a benchmarker from
+    before they existed, or a hand-made event) proves nothing about what ran: it is refused."""
+    actual = variant_id(result.source, result.params)
+    if actual != result.variant_id:
+        return f"source hashes to variant id {actual}, not {result.variant_id}"
+    if result.measured_sha256 is None:
+        return "the result carries no hash of the code the benchmarker measured (measured_sha256)"
+    if result.measured_sha256 != source_sha256(result.source):
+        return (f"the benchmarker measured code with sha256 {result.measured_sha256[:16]}..., not the source "
+                f"carried for deploy (sha256 {source_sha256(result.source)[:16]}...)")
     return ""
 
 

@@ -10,7 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 ALLOWED_IMPORTS = {"torch", "triton", "triton.language", "triton.language.extra", "triton.language.extra.libdevice",
                    "math", "typing", "functools"}
@@ -37,6 +37,9 @@ HOST_TENSOR_MATH = {"sum", "mean", "var", "std", "norm", "matmul", "mm", "bmm", 
                     "baddbmm", "logsumexp", "topk", "sort", "masked_fill", "where", "erf", "sin", "cos",
                     "reciprocal", "neg", "dot", "outer", "mul_", "add_", "div_", "sub_", "copy_", "fill_",
                     "lerp", "addcmul", "index_select", "gather", "scatter", "scatter_add"}
+# Tensor methods that leave torch for numpy or Python values, where the dispatcher (and so the
+# benchmarker's record of host ops) no longer sees what is computed.
+HOST_ESCAPES = {"numpy", "tolist"}
 
 
 def variant_id(source: str, params: dict[str, Any]) -> str:
@@ -156,16 +159,36 @@ def _host_math(fn: ast.FunctionDef, aliases: dict[str, str]) -> list[str]:
                                 "do the work in a @triton.jit kernel")
         elif node.func.attr in HOST_TENSOR_MATH:
             problems.append(f"{fn.name}() calls .{node.func.attr}() on the host; do the work in a @triton.jit kernel")
+        elif node.func.attr in HOST_ESCAPES:
+            problems.append(f"{fn.name}() calls .{node.func.attr}(): host code may not take tensors out of torch")
     return problems
+
+
+class Loaded(NamedTuple):
+    launch: Callable
+    sha256: str  # of the source bytes that were executed: what a benchmark measured
 
 
 def load(source: str, params: dict[str, Any], expected_id: str, cache_dir: Path) -> Callable:
     """Import a variant's source and return its launch function, after checking its id."""
+    return load_measured(source, params, expected_id, cache_dir).launch
+
+
+def load_measured(source: str, params: dict[str, Any], expected_id: str, cache_dir: Path) -> Loaded:
+    """load(), plus the sha256 of the bytes that were executed, taken from those bytes themselves."""
     actual = variant_id(source, params)
     if actual != expected_id:
         raise ValueError(f"variant source hashes to {actual}, not {expected_id}: refusing to load it")
-    module = _import_file(source, Path(cache_dir) / f"kl_{expected_id}.py", f"kl_variant_{expected_id}")
-    return module.launch
+    module_name = f"kl_variant_{expected_id}"
+    module = _import_file(source, Path(cache_dir) / f"kl_{expected_id}.py", module_name)
+    return Loaded(module.launch, _EXECUTED[module_name])
+
+
+def source_sha256(source: str) -> str:
+    return hashlib.sha256(source.encode()).hexdigest()
+
+
+_EXECUTED: dict[str, str] = {}  # module name -> sha256 of the bytes it was executed from
 
 
 def _import_file(source: str, path: Path, module_name: str) -> ModuleType:
@@ -179,6 +202,14 @@ def _import_file(source: str, path: Path, module_name: str) -> ModuleType:
         os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
     spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    # Execute the bytes that are hashed, not a second read of the file. Triton reads each kernel's
+    # text back from the file while the module runs, so the file must still hold them afterwards.
+    data = path.read_bytes()
+    exec(compile(data, str(path), "exec"), module.__dict__)
+    if path.read_bytes() != data:
+        raise ValueError(f"{path} changed while it was loaded: refusing to use it")
+    if data != source.encode():
+        raise ValueError(f"{path} does not hold the variant's source: refusing to use it")
     sys.modules[module_name] = module
+    _EXECUTED[module_name] = hashlib.sha256(data).hexdigest()
     return module

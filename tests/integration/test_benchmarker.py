@@ -1,5 +1,6 @@
 """The benchmarker service against a real nats-server: variant.ready in, bench.result out, one trace."""
 import asyncio
+import hashlib
 
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
@@ -67,6 +68,7 @@ async def test_variant_ready_yields_a_bench_result_in_the_same_trace(nats_url, t
 
     assert result.status == "ok", result.error
     assert result.variant_id == variant.variant_id
+    assert result.measured_sha256 == hashlib.sha256(variant.source.encode()).hexdigest()
     assert result.event_id == f"result-{variant.variant_id}-{variant.campaign.campaign_id}"
     assert [t.shape for t in result.timings] == [[4, 256]]
     spans = {s.name: s for s in exporter.get_finished_spans()}

@@ -16,7 +16,7 @@ from shared import subjects, supervisor
 from shared.schemas import (BenchResult, Budget, Campaign, Deploy, DeployApproval, DeployPending, Hardware, Incumbent,
                             KernelKey, WeightedShape)
 from shared.telemetry import read_spans
-from shared.variants import variant_id
+from shared.variants import source_sha256, variant_id
 
 pytestmark = pytest.mark.nats
 
@@ -31,7 +31,8 @@ def winner(campaign_id: str, block: int, speedup: float, incumbent: str | None =
     source = f"# rmsnorm variant, BLOCK={block}\n"
     campaign = Campaign(campaign_id=campaign_id, key=KEY, profile=[WeightedShape(shape=[16, 1024], weight=1.0)],
                         incumbent=Incumbent(variant_id=incumbent), budget=Budget(rounds=1, variants_per_round=1))
-    return BenchResult(campaign=campaign, variant_id=variant_id(source, params), source=source, params=params,
+    return BenchResult(campaign=campaign, variant_id=variant_id(source, params), source=source,
+                       measured_sha256=source_sha256(source), params=params,
                        strategy="grid", round=0, round_size=1, status="ok", weighted_speedup=speedup,
                        speedup_ci_low=speedup - 0.1, speedup_ci_high=speedup + 0.1, hardware=HARDWARE)
 

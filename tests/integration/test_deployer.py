@@ -22,7 +22,7 @@ from shared.hardware import fingerprint
 from shared.ops import get_op
 from shared.schemas import BenchResult, Budget, Campaign, Deploy, KernelKey, Refine, RegistryEntry, WeightedShape
 from shared.settings import Settings
-from shared.variants import render, variant_id
+from shared.variants import render, source_sha256, variant_id
 
 pytestmark = pytest.mark.nats
 
@@ -40,7 +40,8 @@ def bench(campaign: Campaign, block: int, speedup: float | None, low: float | No
           round_size: int = 3, status: str = "ok", error: str | None = None) -> BenchResult:
     params = {**OP.DEFAULT, "BLOCK": block}
     source = render(OP.TEMPLATE, params)
-    return BenchResult(campaign=campaign, variant_id=variant_id(source, params), source=source, params=params,
+    return BenchResult(campaign=campaign, variant_id=variant_id(source, params), source=source,
+                       measured_sha256=source_sha256(source), params=params,
                        strategy="grid", round=0, round_size=round_size, status=status, error=error,
                        weighted_speedup=speedup, speedup_ci_low=low, speedup_ci_high=high, hardware=HARDWARE,
                        incumbent="rmsnorm baseline Triton kernel")

@@ -13,7 +13,7 @@ from deployer.app import build_app
 from shared import subjects
 from shared.schemas import BenchResult, Budget, Campaign, Hardware, KernelKey, WeightedShape
 from shared.settings import Settings
-from shared.variants import variant_id
+from shared.variants import source_sha256, variant_id
 
 pytestmark = pytest.mark.nats
 
@@ -25,7 +25,8 @@ CAMPAIGN = Campaign(campaign_id="camp-spans", key=KEY, profile=[WeightedShape(sh
 
 def result(block: int, speedup: float) -> BenchResult:
     source, params = f"# BLOCK={block}\n", {"BLOCK": block}
-    return BenchResult(campaign=CAMPAIGN, variant_id=variant_id(source, params), source=source, params=params,
+    return BenchResult(campaign=CAMPAIGN, variant_id=variant_id(source, params), source=source,
+                       measured_sha256=source_sha256(source), params=params,
                        strategy="grid", round=0, round_size=3, status="ok", weighted_speedup=speedup,
                        speedup_ci_low=speedup - 0.05, speedup_ci_high=speedup + 0.05, hardware=HARDWARE)
 

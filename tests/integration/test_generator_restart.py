@@ -17,6 +17,7 @@ from shared.hardware import fingerprint
 from shared.schemas import (BenchResult, Budget, Campaign, Hypothesis, KernelKey, Refine, ShapeTiming, VariantReady,
                             WeightedShape)
 from shared.settings import Settings
+from shared.variants import source_sha256
 from support import rmsnorm_answers as answers
 from support.llm_server import ScriptedLLM, answer
 
@@ -53,7 +54,8 @@ async def next_variant(reader) -> VariantReady:
 def result(v: VariantReady, status: str, error: str | None = None, low: float | None = None) -> BenchResult:
     timings = [ShapeTiming(shape=[16, 1024], weight=1.0, candidate_us=50.0, candidate_spread_us=1.0,
                            incumbent_us=100.0, incumbent_spread_us=1.0, speedup=2.0)] if low else []
-    return BenchResult(campaign=v.campaign, variant_id=v.variant_id, source=v.source, strategy=v.strategy,
+    return BenchResult(campaign=v.campaign, variant_id=v.variant_id, source=v.source,
+                       measured_sha256=source_sha256(v.source), strategy=v.strategy,
                        round=v.round, round_size=v.round_size, status=status, error=error, timings=timings,
                        weighted_speedup=low and low + 0.1, speedup_ci_low=low, hardware=fingerprint())
 

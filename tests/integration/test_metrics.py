@@ -16,7 +16,7 @@ from shared import subjects
 from shared.broker import STREAM_CONFIG
 from shared.schemas import (BenchResult, Budget, Campaign, Hardware, KernelKey, VariantReady, WeightedShape)
 from shared.settings import Settings
-from shared.variants import variant_id
+from shared.variants import source_sha256, variant_id
 
 pytestmark = pytest.mark.nats
 
@@ -28,7 +28,8 @@ CAMPAIGN = Campaign(campaign_id="camp-metrics", key=KEY, profile=[WeightedShape(
 
 def result(block: int, status: str, speedup: float | None) -> BenchResult:
     source, params = f"# BLOCK={block}\n", {"BLOCK": block}
-    return BenchResult(campaign=CAMPAIGN, variant_id=variant_id(source, params), source=source, params=params,
+    return BenchResult(campaign=CAMPAIGN, variant_id=variant_id(source, params), source=source,
+                       measured_sha256=source_sha256(source), params=params,
                        strategy="grid", round=0, round_size=2, status=status, weighted_speedup=speedup,
                        speedup_ci_low=speedup and speedup - 0.1, speedup_ci_high=speedup and speedup + 0.1,
                        hardware=HARDWARE, error=None if status == "ok" else "max error 0.3")

@@ -18,7 +18,7 @@ from shared.report import OUTCOME_COLORS, compound
 from shared.schemas import (BenchResult, Budget, Campaign, Deploy, Hardware, Hypothesis, Incumbent, KernelKey,
                             WeightedShape)
 from shared.settings import Settings
-from shared.variants import variant_id
+from shared.variants import source_sha256, variant_id
 
 KEY = KernelKey(hardware="cpu-interpreter", op="rmsnorm", dtype="float32", bucket="h1024-r16")
 HARDWARE = Hardware(key=KEY.hardware, name="cpu", interpreter=True, torch="test", triton="test")
@@ -31,7 +31,8 @@ def campaign(campaign_id: str, incumbent: str | None = None) -> Campaign:
 
 def result(c: Campaign, block: int, status: str, speedup: float | None, size: int) -> BenchResult:
     source, params = f"# BLOCK={block}\n", {"BLOCK": block}
-    return BenchResult(campaign=c, variant_id=variant_id(source, params), source=source, params=params,
+    return BenchResult(campaign=c, variant_id=variant_id(source, params), source=source,
+                       measured_sha256=source_sha256(source), params=params,
                        strategy="grid", round=0, round_size=size, status=status, weighted_speedup=speedup,
                        speedup_ci_low=speedup and speedup - 0.05, speedup_ci_high=speedup and speedup + 0.05,
                        hardware=HARDWARE)

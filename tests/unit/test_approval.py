@@ -5,7 +5,7 @@ import pytest
 from deployer.campaign import approval_needed, grant_approval, record, reject_deploy
 from deployer.rollout import pending_event
 from shared.schemas import BenchResult, Budget, Campaign, Hardware, KernelKey, WeightedShape
-from shared.variants import variant_id
+from shared.variants import source_sha256, variant_id
 
 KEY = KernelKey(hardware="cpu-interpreter", op="rmsnorm", dtype="float32", bucket="h1024-r16")
 HARDWARE = Hardware(key=KEY.hardware, name="cpu", interpreter=True, torch="test", triton="test")
@@ -15,7 +15,8 @@ def winner(time_share: float | None = None) -> BenchResult:
     campaign = Campaign(campaign_id="c-policy", key=KEY, profile=[WeightedShape(shape=[16, 1024], weight=1.0)],
                         budget=Budget(rounds=1, variants_per_round=1), time_share=time_share)
     source, params = "# variant\n", {"BLOCK": 1024}
-    return BenchResult(campaign=campaign, variant_id=variant_id(source, params), source=source, params=params,
+    return BenchResult(campaign=campaign, variant_id=variant_id(source, params), source=source,
+                       measured_sha256=source_sha256(source), params=params,
                        strategy="grid", round=0, round_size=1, status="ok", weighted_speedup=1.5,
                        speedup_ci_low=1.4, speedup_ci_high=1.6, hardware=HARDWARE)
 

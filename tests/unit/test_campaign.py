@@ -6,7 +6,7 @@ from deployer.campaign import (AUTO_GATE, CampaignState, grant_approval, mark_de
 from shared.hardware import fingerprint
 from shared.ops import get_op
 from shared.schemas import BenchResult, Budget, Campaign, KernelKey, WeightedShape
-from shared.variants import render, variant_id
+from shared.variants import render, source_sha256, variant_id
 
 OP = get_op("rmsnorm")
 HARDWARE = fingerprint()
@@ -23,7 +23,8 @@ def bench(block: int, speedup: float | None = 1.0, low: float | None = 0.95, *, 
           round_size: int = 3, status: str = "ok", error: str | None = None, warps: int = 4) -> BenchResult:
     params = {**OP.DEFAULT, "BLOCK": block, "num_warps": warps}
     source = render(OP.TEMPLATE, params)
-    return BenchResult(campaign=CAMPAIGN, variant_id=variant_id(source, params), source=source, params=params,
+    return BenchResult(campaign=CAMPAIGN, variant_id=variant_id(source, params), source=source,
+                       measured_sha256=source_sha256(source), params=params,
                        strategy="grid", round=round_, round_size=round_size, status=status, error=error,
                        weighted_speedup=speedup, speedup_ci_low=low, hardware=HARDWARE)
 

@@ -195,3 +195,55 @@ def test_a_two_output_op_fails_when_it_returns_one_tensor(tmp_path):
     op, launch = _tuple_launcher(tmp_path, "    return y.reshape(shape)\n")
     ok, message = check(launch, op, torch.float16, [[3, 300]], device(), trials=1, seed=3)
     assert not ok and "not a tuple of 2 tensors" in message
+
+
+# ---- launchers that remember, compute on the host, or hold only for small values ---------------
+
+from benchmarker.check import HostCompute, TimedCheck  # noqa: E402
+from benchmarker.timing import time_pair  # noqa: E402
+
+CACHES_BY_ADDRESS = _edit(_edit(GOOD, "def launch(x, weight, eps=1e-6):\n", (
+    "_CACHE = {}\n\n\ndef launch(x, weight, eps=1e-6):\n"
+    "    if x.data_ptr() in _CACHE:\n"
+    "        return _CACHE[x.data_ptr()]\n")), "    return y.reshape(x.shape)\n",
+    "    _CACHE[x.data_ptr()] = y.reshape(x.shape)\n    return _CACHE[x.data_ptr()]\n")
+SQUARES_IN_FP16 = _edit(GOOD, "tl.sum(x * x, axis=0)", "tl.sum((x.to(tl.float16) * x.to(tl.float16)).to(tl.float32), axis=0)")
+TORCH_ON_HOST = _edit(GOOD, "    return y.reshape(x.shape)\n",
+                      "    xf = x.float()\n    return (xf * ((xf * xf).nanmean(-1, keepdim=True) + eps) ** -0.5 * weight).to(x.dtype)\n")
+# Returns its last answer from the third call in a row on the same x.
+SKIPS_REPEATS = _edit(_edit(GOOD, "def launch(x, weight, eps=1e-6):\n", (
+    "_LAST = {}\n\n\ndef launch(x, weight, eps=1e-6):\n"
+    "    _LAST['n'] = _LAST['n'] + 1 if _LAST.get('x') is x else 0\n"
+    "    _LAST['x'] = x\n"
+    "    if _LAST['n'] >= 2:\n"
+    "        return _LAST['y']\n")), "    return y.reshape(x.shape)\n",
+    "    _LAST['y'] = y.reshape(x.shape)\n    return _LAST['y']\n")
+
+
+def test_a_result_cached_by_input_address_is_stale_when_the_same_buffers_get_new_values(tmp_path):
+    ok, message = _check(CACHES_BY_ADDRESS, tmp_path)
+    assert not ok
+    assert "trial 1" in message  # trial 0 computed it; trial 1 refilled the same tensors
+
+
+def test_a_kernel_right_only_on_moderate_values_fails_the_large_input_trial(tmp_path):
+    ok, message = _check(SQUARES_IN_FP16, tmp_path)
+    assert not ok
+    assert "large inputs" in message
+
+
+def test_torch_computing_the_answer_on_the_host_raises_host_compute(tmp_path):
+    with pytest.raises(HostCompute, match="aten.mul.*aten.pow"):
+        _check(TORCH_ON_HOST, tmp_path, "float32")
+
+
+def test_timed_calls_get_unseen_inputs_and_a_skipped_call_is_caught(tmp_path):
+    args = rmsnorm.make_inputs([4, 256], torch.float16, device(), seed=3)
+    baseline = _launcher(render(rmsnorm.TEMPLATE, rmsnorm.DEFAULT), tmp_path, rmsnorm.DEFAULT)
+    honest = TimedCheck(rmsnorm, args, rmsnorm.TOLERANCE["float16"], seed=3, checked=1)
+    time_pair(baseline, _launcher(GOOD, tmp_path), args, reps=3, warmup=1, device=device(), guard=honest)
+    assert honest.verdict() is None and honest.computed() == []
+
+    cheat = TimedCheck(rmsnorm, args, rmsnorm.TOLERANCE["float16"], seed=3, checked=1)
+    time_pair(baseline, _launcher(SKIPS_REPEATS, tmp_path), args, reps=3, warmup=1, device=device(), guard=cheat)
+    assert "timed call 3 of 4" in cheat.verdict()

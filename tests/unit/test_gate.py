@@ -1,5 +1,7 @@
 """The gate: deploy only a correct candidate whose speedup's lower CI bound clears 1 + margin."""
-from deployer.gate import decide
+import hashlib
+
+from deployer.gate import decide, refusal
 from shared.hardware import fingerprint
 from shared.ops import get_op
 from shared.schemas import BenchResult, Budget, Campaign, KernelKey, WeightedShape
@@ -24,7 +26,7 @@ def bench(block: int, speedup: float | None, low: float | None, high: float | No
                        strategy="grid", round=0, round_size=3, status=status, error=error,
                        weighted_speedup=speedup, speedup_ci_low=low,
                        speedup_ci_high=high if high is not None else (speedup and speedup + 0.05),
-                       hardware=hardware)
+                       hardware=hardware, measured_sha256=hashlib.sha256(source.encode()).hexdigest())
 
 
 def test_gate_refuses_speedup_inside_noise():
@@ -77,3 +79,38 @@ def test_gate_refuses_speedup_measured_on_other_hardware():
 
 def test_gate_refuses_empty_round():
     assert not decide([], MARGIN).deploy
+
+
+# ---- what is deployed is what was measured ----------------------------------------------------
+
+
+def measured(result: BenchResult, source: str | None = None) -> BenchResult:
+    return result.model_copy(update={"measured_sha256": hashlib.sha256((source or result.source).encode()).hexdigest()})
+
+
+def test_gate_deploys_a_result_whose_measured_hash_is_its_source():
+    fast = measured(bench(1024, 1.30, 1.21))
+    assert decide([fast], MARGIN).winner is fast
+
+
+def test_gate_refuses_a_result_whose_measured_code_is_not_the_source_it_carries():
+    fast = bench(1024, 1.30, 1.21)
+    other = render(OP.TEMPLATE, {**OP.DEFAULT, "BLOCK": 2048})
+    swapped = measured(fast, source=other)  # the worker ran other code than the source sent for deploy
+    decision = decide([swapped], MARGIN)
+    assert not decision.deploy
+    assert "measured code with sha256" in decision.reason
+
+
+def test_gate_refuses_a_source_that_does_not_hash_to_its_variant_id():
+    fast = measured(bench(1024, 1.30, 1.21))
+    other = render(OP.TEMPLATE, {**OP.DEFAULT, "BLOCK": 2048})
+    forged = measured(fast.model_copy(update={"source": other}))  # hashes agree; the id does not
+    assert "not " + fast.variant_id in refusal(forged, MARGIN)
+    assert not decide([forged], MARGIN).deploy
+
+
+def test_gate_refuses_a_result_that_does_not_say_which_code_was_measured():
+    unsigned = bench(1024, 1.30, 1.21).model_copy(update={"measured_sha256": None})
+    assert "no hash of the code" in refusal(unsigned, MARGIN)
+    assert not decide([unsigned], MARGIN).deploy

@@ -1,10 +1,12 @@
 """One variant per worker process: every way a variant can fail ends in its status, never in ours."""
+import hashlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from benchmarker.worker import Stage, WorkerAborted, abort_all, benchmark
+from benchmarker.check import LaunchError
+from benchmarker.worker import Stage, WorkerAborted, abort_all, benchmark, out_of_memory
 from shared.hardware import interpreted
 from shared.ops import rmsnorm
 from shared.schemas import Campaign, Incumbent, KernelKey, VariantReady, WeightedShape
@@ -153,3 +155,32 @@ def test_shutdown_abort_raises_so_the_variant_is_redelivered_not_reported(tmp_pa
         abort_all()
         with pytest.raises(WorkerAborted):
             running.result(timeout=30)
+
+
+def test_result_carries_the_sha256_of_the_source_the_worker_executed(tmp_path):
+    variant = _variant(render(rmsnorm.TEMPLATE, FAST_PARAMS), FAST_PARAMS,
+                       profile=[WeightedShape(shape=[2, 256], weight=1.0)])
+    result = benchmark(variant, REPS, TIMEOUT_S, tmp_path)
+    assert result.status == "ok", result.error
+    assert result.measured_sha256 == hashlib.sha256(variant.source.encode()).hexdigest()
+
+
+def test_variant_that_eats_memory_hits_the_workers_limit_and_is_a_crash(tmp_path):
+    source = _edit(BASELINE, "    shape = x.shape\n",
+                   "    shape = x.shape\n    hoard = []\n    while True:\n"
+                   "        hoard.append(torch.ones(1 << 28, dtype=torch.int8))\n")
+    memory_gb = 1.5 if interpreted() else 8.0  # a CUDA worker's threads and context need more to start
+    result = benchmark(_variant(source, rmsnorm.DEFAULT), REPS, TIMEOUT_S, tmp_path, memory_gb=memory_gb)
+    assert result.status == "crashed"
+    assert "out of memory" in result.error and f"{memory_gb:g} GiB" in result.error
+
+
+def test_out_of_memory_is_recognised_through_the_launch_error_that_wraps_it():
+    try:
+        try:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 268435456 bytes")
+        except RuntimeError as e:
+            raise LaunchError("launch raised on shape 3x1000") from e
+    except LaunchError as wrapped:
+        assert out_of_memory(wrapped)
+    assert not out_of_memory(ValueError("BLOCK must be a power of 2"))
