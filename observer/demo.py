@@ -163,8 +163,9 @@ def run_demo_loop(settings: Settings, nats_url: str | None = None, phase_s: floa
 
     # The observer SDK in this workload is the observer's part of each campaign's trace (the swap).
     provider = setup_tracing("observer", settings.traces_dir, settings.otel_exporter_otlp_endpoint)
-    # One call in four timed: interpreted calls are slow, so windows hold few calls.
-    runtime = observe(nats_url=loop.nats_url, window_s=window_s, sample_every=4, state_dir=state_dir)
+    # One call in four timed: interpreted calls are slow, so windows hold few calls. The workload
+    # connects as its own user: it may publish kernel.stats and read the registry, no more.
+    runtime = observe(nats_url=loop.url_for("workload"), window_s=window_s, sample_every=4, state_dir=state_dir)
     try:
         summary = run_demo(runtime, phase_s, shapes, dtype, deadline_s, echo=watched)
     finally:

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -34,10 +34,21 @@ class NatsServer:
     port: int
     monitor_port: int
     data_dir: Path
+    config: Path | None = None
+    env: dict[str, str] | None = field(default=None, repr=False)  # may hold the users' passwords
+    log_path: Path | None = None
 
     @property
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
+
+    def restart(self, down_s: float = 0.0) -> None:
+        """Stop, wait down_s, and start again on the same port, data folder and config: JetStream's
+        file storage survives, and clients reconnect to the address they know."""
+        self.stop()
+        time.sleep(down_s)
+        again = start(self.data_dir, self.port, self.log_path, config=self.config, env=self.env)
+        self.process, self.monitor_port = again.process, again.monitor_port
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.process.poll() is None:
@@ -50,32 +61,36 @@ class NatsServer:
 
 
 def start(data_dir: Path, port: int | None = None, log_path: Path | None = None, timeout: float = 15.0,
-          attempts: int = 3) -> NatsServer:
+          attempts: int = 3, config: Path | None = None, env: dict[str, str] | None = None) -> NatsServer:
     """Start a server; with no port given, a port taken by someone else between our probe and the
-    server's bind is retried on fresh ports."""
+    server's bind is retried on fresh ports. config: a config file (e.g. users and permissions,
+    shared/nats_auth.py), whose variables the server reads from env."""
     for attempt in range(attempts if port is None else 1):
         try:
-            return _start_once(data_dir, port, log_path, timeout)
+            return _start_once(data_dir, port, log_path, timeout, config, env)
         except RuntimeError:
             if attempt == attempts - 1 or port is not None:
                 raise
     raise AssertionError("unreachable")
 
 
-def _start_once(data_dir: Path, port: int | None, log_path: Path | None, timeout: float) -> NatsServer:
+def _start_once(data_dir: Path, port: int | None, log_path: Path | None, timeout: float, config: Path | None,
+                env: dict[str, str] | None) -> NatsServer:
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     monitor_port = free_port()
     log = open(log_path, "ab") if log_path else subprocess.DEVNULL
+    # The flags override the file, so one config serves any address, port and store.
+    args = ["-c", str(config)] if config else []
     process = subprocess.Popen(
-        [find_binary(), "-js", "-sd", str(data_dir), "-a", "127.0.0.1", "-p", str(port), "-m", str(monitor_port)],
+        [find_binary(), *args, "-js", "-sd", str(data_dir), "-a", "127.0.0.1", "-p", str(port), "-m", str(monitor_port)],
         stdout=log,
         stderr=log,
         start_new_session=True,  # Ctrl-C in a terminal reaches our handler, which stops it in order
-        env=os.environ.copy(),
+        env={**os.environ, **(env or {})},
     )
-    server = NatsServer(process, port, monitor_port, data_dir)
+    server = NatsServer(process, port, monitor_port, data_dir, config, env, log_path)
     deadline = time.monotonic() + timeout
     url = f"http://127.0.0.1:{monitor_port}/healthz?js-enabled-only=true"
     while time.monotonic() < deadline:

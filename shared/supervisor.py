@@ -1,5 +1,6 @@
 """Start the loop on one machine: an embedded nats-server (unless a NATS URL is given) and the five
-services as separate processes; stop them all, in order, on request or when one dies."""
+services as separate processes; stop them all, in order, on request or when one dies. The embedded
+server has one user per service (shared/nats_auth.py), its passwords generated into the state folder."""
 import asyncio
 import os
 import signal
@@ -12,7 +13,7 @@ from pathlib import Path
 import nats
 from nats.js.errors import NotFoundError
 
-from shared import nats_server, subjects
+from shared import nats_auth, nats_server, subjects
 
 SERVICES = ("observer", "detector", "generator", "benchmarker", "deployer")
 
@@ -23,7 +24,15 @@ class Loop:
     state_dir: Path
     server: nats_server.NatsServer | None = None
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
-    env: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)  # NATS_URL here is nats_url: people and tools
+    urls: dict[str, str] = field(default_factory=dict)  # user -> its NATS_URL, when the server has users
+
+    def url_for(self, user: str) -> str:
+        """The NATS_URL a service (or the workload) connects with: its own user where there are users."""
+        return self.urls.get(user, self.nats_url)
+
+    def env_for(self, name: str) -> dict[str, str]:
+        return {**self.env, "NATS_URL": self.url_for(_module(name))}
 
     def kill(self, name: str) -> None:
         """SIGKILL one service, as a crash would: no draining, no clean-up."""
@@ -31,7 +40,14 @@ class Loop:
         self.processes[name].wait()
 
     def restart(self, name: str) -> None:
-        self.processes[name] = _spawn(name, self.state_dir, self.env)
+        self.processes[name] = _spawn(name, self.state_dir, self.env_for(name))
+
+    def add_replica(self, service: str) -> str:
+        """Start one more process of a stage; replicas share its durable consumers, so each
+        message goes to one of them. Returns the new process's name, e.g. deployer#2."""
+        name = f"{service}#{sum(_module(n) == service for n in self.processes) + 1}"
+        self.processes[name] = _spawn(name, self.state_dir, self.env_for(name))
+        return name
 
     def dead(self) -> list[str]:
         return [name for name, p in self.processes.items() if p.poll() is not None]
@@ -58,29 +74,46 @@ class Loop:
 
 
 def start(state_dir: Path, nats_url: str | None = None, env: dict[str, str] | None = None,
-          services: tuple[str, ...] = SERVICES) -> Loop:
+          services: tuple[str, ...] = SERVICES, auth: bool = True) -> Loop:
+    """With no nats_url, start an embedded server: with auth, each service connects as its own user
+    and loop.nats_url is the admin's (passwords in <state_dir>/auth/nats.env, mode 0600)."""
     state_dir = Path(state_dir).resolve()
     (state_dir / "logs").mkdir(parents=True, exist_ok=True)
-    server = None
+    server, urls = None, {}
     if not nats_url:
-        server = nats_server.start(state_dir / "nats", log_path=state_dir / "logs" / "nats-server.log")
-        nats_url = server.url
+        server, urls = _embedded_server(state_dir, auth)
+        nats_url = urls.get(nats_auth.ADMIN, server.url)
     env = {**os.environ, **(env or {}), "NATS_URL": nats_url, "KERNELLOOP_STATE_DIR": str(state_dir),
            "PYTHONUNBUFFERED": "1"}
-    loop = Loop(nats_url=nats_url, state_dir=state_dir, server=server, env=env)
+    loop = Loop(nats_url=nats_url, state_dir=state_dir, server=server, env=env, urls=urls)
     try:
         for name in services:
-            loop.processes[name] = _spawn(name, state_dir, env)
+            loop.processes[name] = _spawn(name, state_dir, loop.env_for(name))
     except Exception:
         loop.stop()
         raise
     return loop
 
 
+def _embedded_server(state_dir: Path, auth: bool) -> tuple[nats_server.NatsServer, dict[str, str]]:
+    log = state_dir / "logs" / "nats-server.log"
+    if not auth:
+        return nats_server.start(state_dir / "nats", log_path=log), {}
+    folder = state_dir / "auth"
+    passwords = nats_auth.credentials(folder)
+    server = nats_server.start(state_dir / "nats", log_path=log, config=nats_auth.write_config(folder),
+                               env=nats_auth.server_environment(passwords))
+    return server, {user: nats_auth.url_for(server.url, user, p) for user, p in passwords.items()}
+
+
+def _module(name: str) -> str:
+    return name.split("#", 1)[0]  # deployer#2 is a second process of the deployer
+
+
 def _spawn(name: str, state_dir: Path, env: dict[str, str]) -> subprocess.Popen:
     with open(state_dir / "logs" / f"{name}.log", "ab") as log:  # the child keeps its own copy
         return subprocess.Popen(
-            [sys.executable, "-m", name], cwd=Path(__file__).resolve().parent.parent, env=env, stdout=log,
+            [sys.executable, "-m", _module(name)], cwd=Path(__file__).resolve().parent.parent, env=env, stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # the supervisor, not the terminal, decides when they stop
         )
