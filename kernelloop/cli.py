@@ -90,6 +90,70 @@ def cmd_trace(args, settings: Settings) -> int:
         print(traces.format_tree(spans, trace_id))
     return 0
 
+# ---- observe ----------------------------------------------------------------------------------
+
+
+async def _send_trace(nats_url: str, event, data: bytes, name: str) -> dict:
+    """Inline on profiler.trace when the event fits the server's max payload; else the file goes to
+    the object-store inbox, which the observer polls."""
+    import nats.js.errors
+    from nats.js.api import ObjectMeta
+
+    from observer.tracefiles import HARDWARE_HEADER, SOURCE_HEADER
+
+    body = event.model_dump_json().encode()
+    async with console.connected(nats_url) as nc:
+        js = nc.jetstream()
+        try:
+            if len(body) + 1024 <= nc.max_payload:  # room for the headers
+                ack = await js.publish(subjects.PROFILER_TRACE, body, headers={"Nats-Msg-Id": event.event_id},
+                                       timeout=10)
+                return {"via": "event", "subject": subjects.PROFILER_TRACE, "stream_seq": ack.seq}
+            try:
+                store = await js.object_store(subjects.TRACE_OBJECT_BUCKET)
+            except nats.js.errors.BucketNotFoundError:
+                store = await js.create_object_store(subjects.TRACE_OBJECT_BUCKET)
+            info = await store.put(f"{event.event_id}-{name}", data, meta=ObjectMeta(
+                headers={HARDWARE_HEADER: event.hardware, SOURCE_HEADER: event.source}))
+            return {"via": "object", "bucket": subjects.TRACE_OBJECT_BUCKET, "object": info.name}
+        except Exception as e:
+            hint = " (is the loop up? `kernelloop up` declares the stream)" if "no response" in str(e).lower() else ""
+            raise Failed(f"could not send the trace to {nats_url}: {e or type(e).__name__}{hint}") from None
+
+
+def cmd_observe(args, settings: Settings) -> int:
+    import asyncio
+
+    from observer.tracefiles import TraceError, read_trace
+    from shared.schemas import ProfilerTrace
+
+    path, max_bytes = Path(args.file), int(settings.trace_max_mb * 2**20)
+    try:
+        if path.stat().st_size > max_bytes:  # refused unread
+            return console.fail(f"{args.file} is {path.stat().st_size / 2**20:.1f} MiB, over the "
+                                f"{settings.trace_max_mb:.0f} MiB limit (KERNELLOOP_TRACE_MAX_MB)")
+        data = path.read_bytes()
+    except OSError as e:
+        return console.fail(f"cannot read {args.file}: {e.strerror}")
+    try:
+        trace_id, hardware, source, trace = read_trace(data, path.name, max_bytes, args.hardware, args.source)
+        event = ProfilerTrace(event_id=trace_id, source=source, hardware=hardware, trace=trace)
+    except (TraceError, ValidationError) as e:
+        return console.fail(f"{args.file}: {str(e).splitlines()[0]}")
+    try:
+        sent = asyncio.run(_send_trace(settings.nats_url, event, data, path.name))
+    except Failed as e:
+        return console.fail(str(e), 1)
+    found = {"trace_id": trace_id, "hardware": hardware, "source": source, "events": len(trace["traceEvents"]),
+             "bytes": len(data), **sent}
+    where = f"on {sent['subject']} (stream seq {sent['stream_seq']})" if sent["via"] == "event" else \
+        f"to object {sent['object']} in {sent['bucket']}"
+    print(json.dumps(found) if args.json else
+          f"sent trace {trace_id} ({len(trace['traceEvents'])} events, {hardware}, {source}) {where}; "
+          "`kernelloop status` shows what the observer made of it")
+    return 0
+
+
 # ---- up ---------------------------------------------------------------------------------------
 
 
@@ -216,6 +280,15 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("file", help="a Python file in the KernelBench problem format")
     op.add_argument("--name", help="the op's name (default: the file's stem)")
 
+    ob = command("observe", "send a PyTorch profiler trace to the observer service",
+                 "Send a torch.profiler Chrome trace (recorded with record_shapes=True; .json or .json.gz) to the "
+                 "observer service, which turns it into kernel.stats and lists the hot ops no catalog op covers.")
+    ob.add_argument("what", choices=["trace"])
+    ob.add_argument("file", help="the trace file that export_chrome_trace wrote")
+    ob.add_argument("--hardware", help="the registry's hardware key (default: the trace's first GPU, else "
+                                       "cpu-interpreter)")
+    ob.add_argument("--source", help="where the trace comes from (default: the trace's host:file name)")
+
     rp = command("report", "write an HTML page with PNG charts of the loop's history")
     rp.add_argument("--out", help="folder for report.html and the charts (default: <state dir>/report)")
     return parser
@@ -243,7 +316,8 @@ def cmd_simulate(args, settings: Settings) -> int:
 HANDLERS = {"op": cmd_op, "simulate": cmd_simulate, "up": cmd_up, "publish": cmd_publish, "schema": cmd_schema, "trace": cmd_trace,
             "status": views.cmd_status, "tail": views.cmd_tail, "registry": views.cmd_registry,
             "health": views.cmd_health, "report": views.cmd_report,
-            "approve": gating.cmd_approve, "reject": gating.cmd_reject, "rollback": gating.cmd_rollback}
+            "approve": gating.cmd_approve, "reject": gating.cmd_reject, "rollback": gating.cmd_rollback,
+            "observe": cmd_observe}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,11 +4,29 @@ import json
 import time
 from pathlib import Path
 
+import nats.js.errors
+from pydantic import ValidationError
+
 from kernelloop import console
 from kernelloop.console import Failed
 from shared import history, subjects
-from shared.schemas import BY_SUBJECT, KernelKey
+from shared.schemas import BY_SUBJECT, KernelKey, TraceSummary
 from shared.settings import Settings
+
+
+TRACES_SHOWN = 5  # the latest ingested traces `status` lists
+
+
+async def _trace_summaries(js) -> list[TraceSummary]:
+    """What the observer made of the latest profiler traces, newest first."""
+    store = await history.kv(js, subjects.TRACE_SUMMARY_BUCKET)
+    found = []
+    for key in await history.keys(store):
+        try:
+            found.append(TraceSummary.model_validate_json((await store.get(key)).value))
+        except (nats.js.errors.KeyNotFoundError, ValidationError):
+            continue  # deleted meanwhile, or written by another version
+    return sorted(found, key=lambda t: t.ingested_at, reverse=True)[:TRACES_SHOWN]
 
 
 async def _status(nats_url: str) -> dict:
@@ -16,9 +34,30 @@ async def _status(nats_url: str) -> dict:
         js = nc.jetstream()
         deployed = await history.deployed(js)
         campaigns = await history.in_flight(js)
+        traces = await _trace_summaries(js)
     return {"deployed": {k: {"revision": r, **e.model_dump(mode="json", exclude={"source"})}
                          for k, (r, e) in sorted(deployed.items())},
-            "campaigns": campaigns}
+            "campaigns": campaigns,
+            "traces": [t.model_dump(mode="json") for t in traces]}
+
+
+def format_trace(t: dict) -> list[str]:
+    """One ingested trace: its mapped ops, its hot unmapped ops with their share of time, what was skipped."""
+    when = t["ingested_at"][:19].replace("T", " ")
+    lines = [f"  {t['source']}  {t['hardware']}  {when}  {t['status']}"
+             + (f": {t['error']}" if t["error"] else f"  {t['total_time_us'] / 1e3:.1f} ms of ops")]
+    for m in t["mapped"]:
+        k = m["key"]
+        key = f"{k['op']}.{k['dtype']}.{k['bucket']}"
+        lines.append(f"    mapped    {key:<40} {m['calls']:>6} calls "
+                     f"{m['time_us'] / 1e3:>9.2f} ms {m['share']:>6.1%}  <- {', '.join(m['from_ops'])}")
+    for u in t["unmapped"]:
+        shape = "x".join(map(str, u["shape"])) if u["shape"] else "?"
+        note = f"  ({u['note']})" if u["note"] else ""
+        lines.append(f"    unmapped  {u['name']:<40} {u['calls']:>6} calls {u['time_us'] / 1e3:>9.2f} ms "
+                     f"{u['share']:>6.1%}  {shape} {u['dtype'] or ''}{note}")
+    lines += [f"    skipped   {line}" for line in t["skipped"][:5]]
+    return lines
 
 
 def cmd_status(args, settings: Settings) -> int:
@@ -41,6 +80,9 @@ def cmd_status(args, settings: Settings) -> int:
     print("campaigns in flight" if status["campaigns"] else "campaigns in flight: none")
     for c in status["campaigns"]:
         print(f"  {c['campaign_id']}  {c['key']}  {c['stage']}")
+    print("profiler traces (hot ops, share of the trace's op time)" if status["traces"] else "profiler traces: none")
+    for t in status["traces"]:
+        print("\n".join(format_trace(t)))
     return 0
 
 

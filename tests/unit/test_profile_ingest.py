@@ -1,13 +1,19 @@
-"""Profiler traces -> KernelStats: a real torch.profiler trace of the ops, nested calls counted once,
-device time preferred where the trace has it, other ops ignored."""
+"""Profiler traces -> KernelStats: a real torch.profiler trace of the ops and of a small LLaMA-style
+block that calls none of them, aten ops and unfused patterns mapped to catalog ops with the shapes,
+dtypes and counts the model ran, nested calls counted once, device time preferred where the trace
+has it, hot unmapped ops reported with their time, and junk skipped with a reason, never raised."""
+import copy
 import json
+import random
 import time
 
 import pytest
 import torch
 
-from observer.ingest import catalog_op, stats_from_profiler_trace
+from observer.ingest import HOT_SHARE, ingest_profiler_trace, stats_from_profiler_trace, summarise
+from observer.opmap import catalog_op
 from observer.sdk import ops
+from support.profiled_model import FFN, HIDDEN, ROWS, profile_block
 
 
 def _profile(tmp_path, work) -> dict:
@@ -29,7 +35,7 @@ def trace(tmp_path_factory) -> dict:
         for _ in range(3):
             ops.rmsnorm(x, w)
         torch.nn.functional.rms_norm(xb, (128,), torch.ones(128, dtype=torch.bfloat16))
-        x @ x.T  # not a catalog op
+        torch.cumsum(x, -1)  # not a catalog op
 
     return _profile(tmp_path_factory.mktemp("prof"), work)
 
@@ -40,8 +46,13 @@ def test_catalog_op_maps_profiler_names():
     assert catalog_op("LlamaRMSNorm") == "rmsnorm"
     assert catalog_op("kernelloop::nope") is None
     assert catalog_op("aten::layer_norm") == "layernorm"
-    assert catalog_op("aten::matmul") is None  # its key needs [M, N, K], not the first input's dims
-    assert catalog_op("aten::gelu") is None
+    assert catalog_op("aten::matmul") == "matmul"  # [M, N, K] from both inputs
+    assert catalog_op("aten::linear") == "matmul" and catalog_op("aten::addmm") == "matmul"
+    assert catalog_op("aten::_softmax") == "softmax"
+    assert catalog_op("aten::log_softmax") is None and catalog_op("aten::_softmax_backward_data") is None
+    assert catalog_op("_C::fused_add_rms_norm") == "rmsnorm_residual"
+    assert catalog_op("_C::silu_and_mul") == "silu_and_mul"
+    assert catalog_op("aten::gelu") is None and catalog_op("aten::bmm") is None
 
 
 def test_real_trace_gives_stats_per_key_with_shapes_and_times(trace):
@@ -66,7 +77,7 @@ def test_window_is_the_traces_span_in_wall_clock(trace):
 
 def test_trace_without_catalog_ops_gives_nothing(tmp_path):
     x = torch.randn(8, 8)
-    assert stats_from_profiler_trace(_profile(tmp_path, lambda: x @ x), "cpu-interpreter", "h:1") == []
+    assert stats_from_profiler_trace(_profile(tmp_path, lambda: x.cumsum(-1)), "cpu-interpreter", "h:1") == []
 
 
 def test_trace_without_events_is_refused():
@@ -87,3 +98,129 @@ def test_device_kernels_launched_inside_a_call_give_its_time():
     (s,) = stats_from_profiler_trace({"traceEvents": [op, inner, kernel]}, "nvidia-h100", "h:1")
     assert str(s.key) == "nvidia-h100.rmsnorm.float16.h4096-r16"
     assert s.calls == 1 and s.sampled_time_us == pytest.approx(7.5)
+
+
+# ---- a small LLaMA-style block that calls no kernelloop op ----------------------------------------
+
+STEPS = 3
+
+
+def _model_trace(tmp_path, dtype, steps=STEPS, record_shapes=True) -> dict:
+    return profile_block(tmp_path / "model.json", dtype, steps, record_shapes)
+
+
+@pytest.fixture(scope="module")
+def model_trace(tmp_path_factory) -> dict:
+    return _model_trace(tmp_path_factory.mktemp("model"), torch.bfloat16)
+
+
+def test_model_trace_maps_linears_norms_swiglu_and_softmax_with_the_models_shapes_and_counts(model_trace):
+    result = ingest_profiler_trace(model_trace, "cpu-interpreter", "host:1")
+    got = {str(s.key): (s.calls, [(c.shape, c.calls) for c in s.shapes]) for s in result.stats}
+    rows = ROWS[0] * ROWS[1]
+    assert got == {
+        # gate and up share a weight shape; aten::linear's inner matmul and mm count once
+        f"cpu-interpreter.matmul.bfloat16.n{FFN}-k{HIDDEN}-m16": (2 * STEPS, [([rows, FFN, HIDDEN], 2 * STEPS)]),
+        f"cpu-interpreter.matmul.bfloat16.n{HIDDEN}-k{FFN}-m16": (STEPS, [([rows, HIDDEN, FFN], STEPS)]),
+        f"cpu-interpreter.rmsnorm.bfloat16.h{HIDDEN}-r16": (STEPS, [([*ROWS, HIDDEN], STEPS)]),
+        f"cpu-interpreter.silu_and_mul.bfloat16.h{2 * FFN}-r16": (STEPS, [([rows, 2 * FFN], STEPS)]),
+        "cpu-interpreter.softmax.bfloat16.n5-r16": (STEPS, [([*ROWS, 5], STEPS)]),
+        f"cpu-interpreter.layernorm.bfloat16.h{HIDDEN}-r16": (STEPS, [([*ROWS, HIDDEN], STEPS)]),
+    }
+    assert all(s.sampled_calls == s.calls and s.sampled_time_us > 0 for s in result.stats)
+    how = {(m.key.op): m.from_ops for m in result.mapped}
+    assert how["rmsnorm"] == ["HF RMSNorm pattern (pow, mean, rsqrt, mul)"]
+    assert how["silu_and_mul"] == ["SwiGLU pattern (silu, mul)"] and how["matmul"] == ["aten::linear"]
+    assert how["softmax"] == ["aten::softmax"] and how["layernorm"] == ["aten::layer_norm"]
+    assert result.skipped == []
+    assert summarise(result, "t1", "cpu-interpreter", "host:1").status == "ok"
+
+
+def test_model_trace_reports_hot_unmapped_ops_with_their_time(model_trace):
+    result = ingest_profiler_trace(model_trace, "cpu-interpreter", "host:1")
+    unmapped = {u.name: u for u in result.unmapped}
+    assert "aten::sort" in unmapped and "aten::matmul" in unmapped  # the batched h @ h.T
+    sort = unmapped["aten::sort"]
+    assert sort.calls == STEPS and sort.time_us > 0 and sort.shape == [*ROWS, HIDDEN * 64]
+    assert sort.dtype == "float32" and sort.share == pytest.approx(sort.time_us / result.total_time_us)
+    assert all(u.share >= HOT_SHARE for u in result.unmapped)
+    assert [u.time_us for u in result.unmapped] == sorted((u.time_us for u in result.unmapped), reverse=True)
+    # mapped and unmapped time never add up to more than the trace's
+    assert sum(m.share for m in result.mapped) + sum(u.share for u in result.unmapped) <= 1 + 1e-9
+
+
+def test_float32_model_maps_norms_and_reports_matmuls_the_catalog_has_no_kernels_for(tmp_path):
+    result = ingest_profiler_trace(_model_trace(tmp_path, torch.float32, steps=1), "cpu-interpreter", "h:1")
+    assert {s.key.op for s in result.stats} == {"rmsnorm", "silu_and_mul", "softmax", "layernorm"}
+    assert all(s.key.dtype == "float32" for s in result.stats)
+    linear = next(u for u in result.unmapped if u.name == "aten::linear")
+    assert linear.calls == 3 and "no float32 kernels" in linear.note
+    assert any("aten::linear: matmul has no float32 kernels" in line for line in result.skipped)
+
+
+def test_trace_without_shapes_gives_no_stats_and_says_why(tmp_path):
+    result = ingest_profiler_trace(_model_trace(tmp_path, torch.bfloat16, steps=1, record_shapes=False),
+                                   "cpu-interpreter", "h:1")
+    assert result.stats == []
+    assert any("record_shapes=True" in line for line in result.skipped)
+    assert summarise(result, "t2", "cpu-interpreter", "h:1").status == "partial"
+
+
+def test_hand_written_batched_and_misshapen_calls_are_not_taken_for_catalog_ops():
+    def op(name, ts, dims, types, concrete=None, dur=10.0):
+        args = {"Input Dims": dims, "Input type": types}
+        if concrete:
+            args["Concrete Inputs"] = concrete
+        return {"ph": "X", "cat": "cpu_op", "name": name, "pid": 1, "tid": 1, "ts": ts, "dur": dur, "args": args}
+
+    half = "c10::Half"
+    events = [op("aten::bmm", 0, [[4, 16, 64], [4, 64, 16]], [half, half]),
+              op("aten::matmul", 20, [[4, 16, 64], [4, 64, 16]], [half, half]),
+              op("aten::mm", 40, [[16, 64], [32, 16]], [half, half]),  # K disagrees
+              op("aten::softmax", 60, [[16, 128], [], []], [half, "Scalar", ""], ["", "0", ""]),  # not the last dim
+              op("aten::linear", 80, [[3, 7, 64], [128, 64], []], [half, half, ""]),
+              "junk", {"ph": "X", "name": "no times"}]
+    result = ingest_profiler_trace({"traceEvents": events}, "nvidia-h100", "h:1")
+    assert [(str(s.key), s.shapes[0].shape) for s in result.stats] == [
+        ("nvidia-h100.matmul.float16.n128-k64-m64", [21, 128, 64])]
+    assert {u.name for u in result.unmapped} == {"aten::bmm", "aten::matmul", "aten::mm", "aten::softmax"}
+    assert any("2 trace events" in line for line in result.skipped)
+    assert any("aten::mm: inputs [16, 64] and [32, 16]" in line for line in result.skipped)
+
+
+def test_mangled_traces_never_raise(model_trace):
+    """Any event may lose a field or carry a value of the wrong type: skipped, never a crash."""
+    rng = random.Random(0)
+    junk = [None, "x", -1, 1e300, [], {}, [[-3, "a"]], [None], True]
+    events = [e for e in model_trace["traceEvents"] if e.get("cat") == "cpu_op"]
+    for _ in range(40):
+        mangled = copy.deepcopy(events)
+        for e in rng.sample(mangled, k=len(mangled) // 4):
+            field = rng.choice(["name", "ts", "dur", "args", "pid", "tid", "ph"])
+            e[field] = rng.choice(junk)
+            if isinstance(e.get("args"), dict):
+                key = rng.choice(["Input Dims", "Input type", "Concrete Inputs", "External id"])
+                e["args"][key] = rng.choice(junk)
+        trace = {"traceEvents": mangled, "baseTimeNanoseconds": "soon"}
+        result = ingest_profiler_trace(trace, "cpu-interpreter", "h:1")
+        assert all(s.calls > 0 for s in result.stats)
+
+
+def test_device_trace_shares_count_kernel_time_and_leave_host_only_ops_out():
+    def op(name, ts, dur, ext, dims):
+        return {"ph": "X", "cat": "cpu_op", "name": name, "pid": 1, "tid": 1, "ts": ts, "dur": dur,
+                "args": {"External id": ext, "Input Dims": dims, "Input type": ["c10::BFloat16"] * len(dims)}}
+
+    def kernel(ts, dur, ext):
+        return {"ph": "X", "cat": "kernel", "name": "k", "pid": 0, "tid": 7, "ts": ts, "dur": dur,
+                "args": {"External id": ext}}
+
+    events = [op("aten::linear", 0, 20, 1, [[16, 4096], [1024, 4096]]), kernel(100, 60, 1),
+              op("aten::view", 30, 5, 2, [[16, 1024]]),  # host work only: no device time
+              op("aten::gelu", 40, 10, 3, [[16, 1024]]), kernel(200, 20, 3),
+              op("aten::_softmax", 60, 10, 4, [[16, 1024]]), kernel(250, 20, 4)]
+    result = ingest_profiler_trace({"traceEvents": events}, "nvidia-h100", "h:1")
+    assert result.total_time_us == pytest.approx(100)
+    assert [(str(m.key), m.time_us, m.share) for m in result.mapped] == [
+        ("nvidia-h100.matmul.bfloat16.n1024-k4096-m16", 60, 0.6), ("nvidia-h100.softmax.bfloat16.n1024-r16", 20, 0.2)]
+    assert [(u.name, u.time_us, u.share, u.shape) for u in result.unmapped] == [("aten::gelu", 20, 0.2, [16, 1024])]
