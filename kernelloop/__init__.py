@@ -3,10 +3,12 @@
     import kernelloop
     runtime = kernelloop.observe()          # publish kernel.stats, follow the registry
     y = kernelloop.ops.rmsnorm(x, weight)   # served by the deployed variant for x's shape bucket
-    kernelloop.patch(model)                 # route a model's RMSNorm modules through ops
+    kernelloop.patch(model)                 # serve a model's RMSNorm, SwiGLU, rotary, softmax by ops
+    kernelloop.patched(model)               # what was swapped, by module path
+    kernelloop.unpatch(model)               # the original modules again
 """
 
-__all__ = ["ops", "observe", "patch"]
+__all__ = ["ops", "observe", "patch", "unpatch", "patched"]
 
 
 def __getattr__(name: str):

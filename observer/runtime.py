@@ -25,7 +25,7 @@ log = logging.getLogger("kernelloop.observer")
 
 class Runtime:
     """Made by observe(); one per process. Public: serving(), deploys, refused, registry_synced,
-    window_listeners, close()."""
+    window_listeners, submit(), close()."""
 
     def __init__(self, dispatcher: Dispatcher, nats_url: str, source: str, window_s: float,
                  state_dir: Path, max_buffered: int = 10_000):
@@ -38,6 +38,7 @@ class Runtime:
         self.window_listeners: list[Callable[[list[KernelStats]], None]] = []
         self.windows = WindowAggregator(dispatcher.hardware, source, start=time.time())
         self._buffer: deque[KernelStats] = deque()
+        self._submitted: deque[KernelStats] = deque()  # from other threads (the sampling observer)
         self._max_buffered = max_buffered
         self._dropped = 0  # windows dropped from a full buffer since the last successful publish
         self._stop = asyncio.Event()  # binds to the background loop when that first waits on it
@@ -75,6 +76,10 @@ class Runtime:
     def serving(self, op: str, dtype: str, bucket: str) -> str | None:
         """The variant that serves (op, dtype, bucket) here now; None for the op's fallback."""
         return self.dispatcher.serving(self.dispatcher.key(op, dtype, bucket))
+
+    def submit(self, stats: list[KernelStats]) -> None:
+        """Publish stats made elsewhere (profiled steps) with the next window; from any thread."""
+        self._submitted.extend(stats)
 
     def close(self, timeout: float = 5.0) -> None:
         """Publish the last window (waiting up to `timeout` for the server), then stop following
@@ -148,6 +153,8 @@ class Runtime:
     def _flush(self) -> None:
         self.dispatcher.resolve_timings()
         window = self.windows.flush(time.time())
+        while self._submitted:
+            window.append(self._submitted.popleft())
         for listener in self.window_listeners:
             try:
                 listener(window)

@@ -1,10 +1,13 @@
 """What a workload imports: `ops` (each catalog op as a PyTorch custom op, dispatched per shape
 bucket to the deployed variant or the op's fallback), `observe()` to publish usage and follow the
-registry, and `patch(model)` for models whose RMSNorm modules do not call the ops.
+registry, and `patch(model)` / `unpatch(model)` for models whose building blocks do not call the ops
+(observer/patching.py).
 
     runtime = observe()                  # background thread; the workload never waits on it
     y = ops.rmsnorm(x, weight)           # x: [..., hidden]; every op of shared.ops.CATALOG likewise
     runtime.close()                      # publishes the last window
+
+    sampler = observe(model)             # besides, 1 step in 1000 profiled and published (sampling.py)
 """
 import atexit
 import inspect
@@ -13,6 +16,7 @@ import os
 import socket
 from pathlib import Path
 from types import ModuleType
+from typing import Callable
 
 import torch
 import torch.autograd.profiler as _profiler
@@ -20,12 +24,13 @@ import torch.autograd.profiler as _profiler
 from observer.dispatch import Dispatcher
 from observer.hotswap import DeployRecord
 from observer.runtime import Runtime
-from shared.ops import CATALOG, get_op
+from observer.sampling import Sampler, profiler_schedule
+from shared.ops import CATALOG
 from shared.settings import Settings
 
 log = logging.getLogger("kernelloop.observer")
 
-__all__ = ["ops", "observe", "patch", "Runtime", "DeployRecord"]
+__all__ = ["ops", "observe", "patch", "unpatch", "patched", "PatchReport", "Runtime", "Sampler", "DeployRecord"]
 
 # One table per process: every call of an op, compiled or not, dispatches through it.
 _dispatcher = Dispatcher()
@@ -67,24 +72,84 @@ def _register(op: ModuleType):
     return call
 
 
+def _register_user_op(op: ModuleType):
+    """An op added with `kernelloop op add`: dispatched like a catalog op, per shape bucket, to its
+    deployed variant or its reference. Its reference takes the Model's inputs then its parameters
+    (*args), which torch.library cannot give a schema, so it is a plain function: under
+    torch.compile the call is traced through (a graph break) rather than kept as one node."""
+    name, dispatch = op.NAME, _dispatcher.call
+
+    def call(*args):
+        return dispatch(name, *args)
+
+    call.__name__, call.__doc__ = name, op.__doc__
+    return call
+
+
 class _Ops:
-    """The catalog's ops, one attribute each (ops.rmsnorm, ops.matmul, ...); forward only (inference)."""
+    """The catalog's ops, one attribute each (ops.rmsnorm, ops.matmul, ...), and ops added with
+    `kernelloop op add` (found in the state folder on first use); forward only (inference)."""
 
     def __init__(self):
         for name, op in CATALOG.items():
             setattr(self, name, _register(op))
 
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        from shared.ops.kernelbench import find_user_op
+
+        try:
+            op = find_user_op(name)
+        except KeyError as e:  # its file was edited by hand and no longer loads
+            raise AttributeError(str(e)) from None
+        if op is None:
+            raise AttributeError(f"kernelloop.ops has no op {name!r}: the catalog has {', '.join(sorted(CATALOG))}; "
+                                 f"add one with `kernelloop op add FILE` (KernelBench format)")
+        call = _register_user_op(op)
+        setattr(self, name, call)
+        return call
+
     def __dir__(self):
-        return sorted(CATALOG)
+        from shared.ops.kernelbench import user_op_names
+
+        return sorted(CATALOG) + sorted(set(user_op_names()) - set(CATALOG))
 
 
 ops = _Ops()
 
 
-def observe(nats_url: str | None = None, hardware: str | None = None, window_s: float | None = None,
-            sample_every: int | None = None, state_dir: Path | str | None = None) -> Runtime:
+def observe(target: torch.nn.Module | Callable | str | None = None, nats_url: str | None = None,
+            hardware: str | None = None, window_s: float | None = None, sample_every: int | None = None,
+            state_dir: Path | str | None = None, *, every: int | None = None,
+            active: int | None = None) -> Runtime | Sampler:
     """Start publishing kernel.stats and following the registry; arguments left out come from the
-    environment (shared.settings). One runtime per process: close() it before observing again."""
+    environment (shared.settings). One runtime per process: close() it before observing again.
+
+    observe() or observe(nats_url): the ops' calls are published; returns the Runtime.
+    observe(model) or observe(step_fn): besides, the PyTorch profiler records `active` steps in
+    every `every` (KERNELLOOP_PROFILE_ACTIVE, KERNELLOOP_PROFILE_EVERY: 1 in 1000) and what they ran
+    is published too; nothing else of the serving code changes. A model is hooked in place (a step
+    is one top-level forward); a step function is called through the returned Sampler. The Sampler
+    is callable as its target; its close() stops sampling and the runtime it started (a runtime
+    already running is shared and left running)."""
+    if target is None or isinstance(target, str):
+        return _start_runtime(target or nats_url, hardware, window_s, sample_every, state_dir)
+    if not callable(target):
+        raise TypeError(f"observe() takes a model, a step function or a NATS URL, not {type(target).__name__}")
+    settings = Settings()
+    every, active = every or settings.profile_every, active or settings.profile_active
+    profiler_schedule(every, active)  # refuses a bad rate before anything starts
+    owned = _runtime is None or _runtime.closed
+    runtime = _start_runtime(nats_url, hardware, window_s, sample_every, state_dir) if owned else _runtime
+    sampler = Sampler(target, runtime.submit, _dispatcher.hardware, runtime.windows.source, every=every,
+                      active=active, on_close=runtime.close if owned else None)
+    atexit.register(sampler.close)  # runs before the runtime's close: its last range is published
+    return sampler
+
+
+def _start_runtime(nats_url: str | None, hardware: str | None, window_s: float | None, sample_every: int | None,
+                   state_dir: Path | str | None) -> Runtime:
     global _runtime
     if _runtime is not None and not _runtime.closed:
         raise RuntimeError("this process is already observed; close() the runtime first")
@@ -104,52 +169,5 @@ def observe(nats_url: str | None = None, hardware: str | None = None, window_s: 
     return runtime
 
 
-class _PatchedRMSNorm(torch.nn.Module):
-    """Stands in for an RMSNorm module, sharing its weight (state dict keys stay the same)."""
-
-    def __init__(self, weight: torch.nn.Parameter, eps: float | None):
-        super().__init__()
-        self.weight = weight
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps  # nn.RMSNorm's default
-        return ops.rmsnorm(x, self.weight, eps)
-
-
-def _patchable(module: torch.nn.Module) -> bool:
-    if isinstance(module, torch.nn.RMSNorm):
-        return module.weight is not None and len(module.normalized_shape) == 1
-    return (type(module).__name__.endswith("RMSNorm") and isinstance(getattr(module, "weight", None), torch.Tensor)
-            and module.weight.dim() == 1 and (hasattr(module, "eps") or hasattr(module, "variance_epsilon")))
-
-
-@torch.no_grad()
-def _agrees(module: torch.nn.Module, patched: _PatchedRMSNorm) -> bool:
-    """Whether a look-alike class computes plain RMSNorm: some scale by (1 + weight), for one."""
-    weight = patched.weight
-    try:
-        probe = torch.randn(2, weight.shape[0], generator=torch.Generator().manual_seed(0))
-        probe = probe.to(weight.device, weight.dtype)  # probe: [2, hidden]
-        eps = patched.eps if patched.eps is not None else torch.finfo(probe.dtype).eps
-        # against the reference, not the op: a probe is no call of the workload's
-        expected, got = module(probe).float(), get_op("rmsnorm").reference(probe, weight, eps).float()
-    except Exception:  # e.g. weights on the meta device: what cannot be checked is not patched
-        return False
-    return expected.shape == got.shape and bool((expected - got).norm() <= 2e-2 * expected.norm())
-
-
-def patch(model: torch.nn.Module) -> torch.nn.Module:
-    """Route the model's RMSNorm modules (torch's, and *RMSNorm classes with a weight and an eps)
-    through ops.rmsnorm, in place; returns the model."""
-    for name, module in list(model.named_modules()):
-        if not name or isinstance(module, _PatchedRMSNorm) or not _patchable(module):
-            continue
-        eps = getattr(module, "eps", getattr(module, "variance_epsilon", None))
-        patched = _PatchedRMSNorm(module.weight, eps)
-        if not isinstance(module, torch.nn.RMSNorm) and not _agrees(module, patched):
-            log.warning("patch: %s (%s) is not plain RMSNorm; left as it is", name, type(module).__name__)
-            continue
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, patched)
-    return model
+# after ops: patching binds to them when it patches
+from observer.patching import PatchReport, patch, patched, unpatch  # noqa: E402
