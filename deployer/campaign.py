@@ -19,6 +19,7 @@ from pydantic import Field
 
 from deployer.gate import Decision, decide
 from shared import subjects
+from shared.broker import replicas
 from shared.schemas import BenchResult, Campaign, Failure, Model, Refine, Scored
 from shared.variants import variant_id
 
@@ -235,7 +236,8 @@ class CampaignStore:
 
     @classmethod
     async def open(cls, broker: NatsBroker) -> "CampaignStore":
-        return cls(await broker.key_value(subjects.CAMPAIGN_BUCKET, history=subjects.CAMPAIGN_HISTORY))
+        return cls(await broker.key_value(subjects.CAMPAIGN_BUCKET, history=subjects.CAMPAIGN_HISTORY,
+                                           replicas=replicas()))
 
     async def _read(self, campaign_id: str) -> tuple[CampaignState | None, int]:
         try:

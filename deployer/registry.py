@@ -8,6 +8,7 @@ from faststream.nats import NatsBroker
 from nats.js.kv import KeyValue
 
 from shared import subjects
+from shared.broker import replicas
 from shared.schemas import KernelKey, RegistryEntry
 from shared.variants import variant_id
 
@@ -33,7 +34,8 @@ class Registry:
 
     @classmethod
     async def open(cls, broker: NatsBroker) -> "Registry":
-        return cls(await broker.key_value(subjects.REGISTRY_BUCKET, history=subjects.REGISTRY_HISTORY))
+        return cls(await broker.key_value(subjects.REGISTRY_BUCKET, history=subjects.REGISTRY_HISTORY,
+                                           replicas=replicas()))
 
     async def read(self, key: KernelKey | str) -> Revision | None:
         """What serves the key now, or None when nothing is deployed (the op's fallback serves)."""

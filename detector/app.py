@@ -22,7 +22,8 @@ from detector.hypothesis import build_hypothesis, incumbent_from, peaks_for, ran
 from detector.inflight import CampaignGuard
 from detector.replay import replay
 from shared import subjects
-from shared.broker import batch_subscriber, durable_subscriber, handle_each, make_broker, publish, stream
+from shared.broker import (batch_subscriber, durable_subscriber, handle_each, make_broker, publish, replicas,
+                           stream)
 from shared.schemas import Budget, Hypothesis, KernelKey, KernelStats, RegistryEntry, UsageChanged
 from shared.settings import Settings
 
@@ -51,7 +52,7 @@ def build_app(settings: Settings, tracer_provider: TracerProvider | None = None)
                      description="a campaign: key, workload profile, incumbent, headroom, budget")
 
     async def read_registry(key: KernelKey) -> RegistryEntry | None:
-        kv = await broker.key_value(subjects.REGISTRY_BUCKET, history=subjects.REGISTRY_HISTORY)
+        kv = await broker.key_value(subjects.REGISTRY_BUCKET, history=subjects.REGISTRY_HISTORY, replicas=replicas())
         try:
             entry = await kv.get(str(key))
         except (KeyNotFoundError, KeyDeletedError):  # never deployed, or deleted since
@@ -160,8 +161,10 @@ def build_app(settings: Settings, tracer_provider: TracerProvider | None = None)
                 log.info("no campaign for %s: %s", key, why)
                 span.set_attribute("status", "below_min_gain")
                 return
-            guard = CampaignGuard(await broker.key_value(subjects.DETECTOR_BUCKET, history=subjects.DETECTOR_HISTORY),
-                                  await broker.key_value(subjects.CAMPAIGN_BUCKET, history=subjects.CAMPAIGN_HISTORY),
+            guard = CampaignGuard(await broker.key_value(subjects.DETECTOR_BUCKET, history=subjects.DETECTOR_HISTORY,
+                                                           replicas=replicas()),
+                                  await broker.key_value(subjects.CAMPAIGN_BUCKET, history=subjects.CAMPAIGN_HISTORY,
+                                                           replicas=replicas()),
                                   settings.campaign_timeout_s)
             claim = await guard.claim(str(key), hypothesis.campaign.campaign_id, event.event_id,
                                       force=event.reason == "manual")

@@ -26,6 +26,7 @@ from nats.js.kv import KeyValue
 from pydantic import Field
 
 from shared import subjects
+from shared.broker import replicas
 from shared.schemas import BenchResult, Failure, Hardware, KernelKey, Model, Scored, ShapeTiming
 
 N_ISLANDS = 3
@@ -222,7 +223,8 @@ class ProgramStore:
 
     @classmethod
     async def open(cls, broker) -> "ProgramStore":
-        return cls(await broker.key_value(subjects.PROGRAM_BUCKET, history=subjects.PROGRAM_HISTORY))
+        return cls(await broker.key_value(subjects.PROGRAM_BUCKET, history=subjects.PROGRAM_HISTORY,
+                                           replicas=replicas()))
 
     async def load(self, key: KernelKey) -> ProgramDatabase:
         programs = []

@@ -93,7 +93,7 @@ def cmd_trace(args, settings: Settings) -> int:
 # ---- observe ----------------------------------------------------------------------------------
 
 
-async def _send_trace(nats_url: str, event, data: bytes, name: str) -> dict:
+async def _send_trace(nats_url: str, event, data: bytes, name: str, replicas: int = 1) -> dict:
     """Inline on profiler.trace when the event fits the server's max payload; else the file goes to
     the object-store inbox, which the observer polls."""
     import nats.js.errors
@@ -112,7 +112,7 @@ async def _send_trace(nats_url: str, event, data: bytes, name: str) -> dict:
             try:
                 store = await js.object_store(subjects.TRACE_OBJECT_BUCKET)
             except nats.js.errors.BucketNotFoundError:
-                store = await js.create_object_store(subjects.TRACE_OBJECT_BUCKET)
+                store = await js.create_object_store(subjects.TRACE_OBJECT_BUCKET, replicas=replicas)
             info = await store.put(f"{event.event_id}-{name}", data, meta=ObjectMeta(
                 headers={HARDWARE_HEADER: event.hardware, SOURCE_HEADER: event.source}))
             return {"via": "object", "bucket": subjects.TRACE_OBJECT_BUCKET, "object": info.name}
@@ -141,7 +141,7 @@ def cmd_observe(args, settings: Settings) -> int:
     except (TraceError, ValidationError) as e:
         return console.fail(f"{args.file}: {str(e).splitlines()[0]}")
     try:
-        sent = asyncio.run(_send_trace(settings.nats_url, event, data, path.name))
+        sent = asyncio.run(_send_trace(settings.nats_url, event, data, path.name, settings.nats_replicas))
     except Failed as e:
         return console.fail(str(e), 1)
     found = {"trace_id": trace_id, "hardware": hardware, "source": source, "events": len(trace["traceEvents"]),

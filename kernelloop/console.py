@@ -8,7 +8,7 @@ import sys
 from contextlib import asynccontextmanager
 
 from shared.schemas import Event
-from shared.settings import Settings
+from shared.settings import Settings, nats_servers
 
 
 class Failed(Exception):
@@ -40,8 +40,8 @@ async def connected(nats_url: str):
         pass
 
     try:
-        nc = await nats.connect(nats_url, connect_timeout=5, max_reconnect_attempts=1, allow_reconnect=False,
-                                error_cb=quiet)
+        nc = await nats.connect(nats_servers(nats_url), connect_timeout=5, max_reconnect_attempts=1,
+                                allow_reconnect=False, error_cb=quiet)
     except Exception as e:
         raise Failed(f"could not connect to NATS at {nats_url}: {e or type(e).__name__}") from None
     try:

@@ -16,7 +16,7 @@ from observer.ingest import ingest_profiler_trace, summarise
 from observer.tracefiles import (HARDWARE_HEADER, SOURCE_HEADER, TraceError, pending_files, read_trace, settle,
                                  summary_key)
 from shared import subjects
-from shared.broker import durable_subscriber, make_broker, publish, stream
+from shared.broker import durable_subscriber, make_broker, publish, replicas, stream
 from shared.schemas import ProfilerTrace, TraceSummary
 from shared.settings import Settings
 
@@ -58,7 +58,8 @@ def build_app(settings: Settings, tracer_provider: TracerProvider | None = None)
     async def keep(summary: TraceSummary) -> TraceSummary:
         if summary.status == "rejected":
             log.error("trace %s from %s refused: %s", summary.trace_id, summary.source, summary.error)
-        kv = await broker.key_value(subjects.TRACE_SUMMARY_BUCKET, history=subjects.TRACE_SUMMARY_HISTORY)
+        kv = await broker.key_value(subjects.TRACE_SUMMARY_BUCKET, history=subjects.TRACE_SUMMARY_HISTORY,
+                                    replicas=replicas())
         await kv.put(summary_key(summary.hardware, summary.source), summary.model_dump_json().encode())
         return summary
 
@@ -94,7 +95,7 @@ def build_app(settings: Settings, tracer_provider: TracerProvider | None = None)
         try:
             store = await js.object_store(subjects.TRACE_OBJECT_BUCKET)
         except nats.js.errors.BucketNotFoundError:
-            store = await js.create_object_store(subjects.TRACE_OBJECT_BUCKET)
+            store = await js.create_object_store(subjects.TRACE_OBJECT_BUCKET, replicas=replicas())
         try:
             infos = await store.list(ignore_deletes=True)
         except nats.js.errors.NotFoundError:

@@ -61,8 +61,9 @@ def _warm_up(launch, key: KernelKey) -> None:
 
 
 class HotSwap:
-    def __init__(self, dispatcher: Dispatcher, cache_dir: Path):
+    def __init__(self, dispatcher: Dispatcher, cache_dir: Path, replicas: int = 1):
         self.dispatcher = dispatcher
+        self.replicas = replicas  # the registry's, should the workload be the first to declare it
         self.cache_dir = cache_dir
         self.deploys: list[DeployRecord] = []
         self.refused: list[tuple[str, str]] = []  # (registry key, reason)
@@ -88,7 +89,7 @@ class HotSwap:
             kv = await js.key_value(subjects.REGISTRY_BUCKET)
         except BucketNotFoundError:
             kv = await js.create_key_value(KeyValueConfig(bucket=subjects.REGISTRY_BUCKET,
-                                                          history=subjects.REGISTRY_HISTORY))
+                                                          history=subjects.REGISTRY_HISTORY, replicas=self.replicas))
         watcher = await kv.watch(f"{self.dispatcher.hardware}.>")
         seen: set[str] = set()
         try:

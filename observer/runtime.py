@@ -19,6 +19,7 @@ from observer.hotswap import DeployRecord, HotSwap
 from observer.windows import WindowAggregator
 from shared import subjects
 from shared.schemas import KernelStats
+from shared.settings import nats_servers
 
 log = logging.getLogger("kernelloop.observer")
 
@@ -28,12 +29,12 @@ class Runtime:
     window_listeners, submit(), close()."""
 
     def __init__(self, dispatcher: Dispatcher, nats_url: str, source: str, window_s: float,
-                 state_dir: Path, max_buffered: int = 10_000):
+                 state_dir: Path, max_buffered: int = 10_000, replicas: int = 1):
         self.dispatcher = dispatcher
         self.nats_url = nats_url
         self.window_s = window_s
         self.cache_dir = Path(state_dir) / "variants"
-        self.hotswap = HotSwap(dispatcher, self.cache_dir)
+        self.hotswap = HotSwap(dispatcher, self.cache_dir, replicas)
         # called from the background thread with each window's stats, e.g. by the demo's display
         self.window_listeners: list[Callable[[list[KernelStats]], None]] = []
         self.windows = WindowAggregator(dispatcher.hardware, source, start=time.time())
@@ -137,9 +138,9 @@ class Runtime:
         log.info("observing: connecting to %s (the workload does not wait for it)", self.nats_url)
         while True:
             try:
-                self._nc = await nats.connect(self.nats_url, connect_timeout=2, reconnect_time_wait=1,
-                                              max_reconnect_attempts=-1, error_cb=quiet, name="kernelloop-sdk",
-                                              reconnected_cb=self._reconnected)
+                self._nc = await nats.connect(nats_servers(self.nats_url), connect_timeout=2,
+                                              reconnect_time_wait=1, max_reconnect_attempts=-1, error_cb=quiet,
+                                              name="kernelloop-sdk", reconnected_cb=self._reconnected)
                 log.info("observing: connected to %s", self.nats_url)
                 return
             except Exception as e:  # no server yet: the workload goes on, the windows wait

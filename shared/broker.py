@@ -12,16 +12,39 @@ from opentelemetry.trace import TracerProvider
 
 from shared import deadletters, subjects
 from shared.schemas import Event
+from shared.settings import nats_servers
 
-# Every service declares the stream with exactly this config: the server refuses a second
-# declaration whose config differs (error 10058).
-STREAM_CONFIG = dict(
-    name=subjects.STREAM_NAME,
-    subjects=list(subjects.ALL),
-    storage=StorageType.FILE,
-    duplicate_window=300.0,  # seconds; Nats-Msg-Id de-duplication horizon
-    max_age=7 * 24 * 3600.0,
-)
+
+def stream_config(replicas: int = 1) -> dict:
+    """The stream as every service declares it: the server refuses a second declaration whose
+    config differs (error 10058). replicas: how many nodes of a NATS cluster keep it."""
+    config = dict(
+        name=subjects.STREAM_NAME,
+        subjects=list(subjects.ALL),
+        storage=StorageType.FILE,
+        duplicate_window=300.0,  # seconds; Nats-Msg-Id de-duplication horizon
+        max_age=7 * 24 * 3600.0,
+    )
+    if replicas != 1:  # left out on one server, so its declaration stays what it always was
+        config["num_replicas"] = replicas
+    return config
+
+
+STREAM_CONFIG = stream_config()
+_replicas = 1
+
+
+def use_replicas(replicas: int) -> None:
+    """Declare the stream, every KV bucket and the object store with this many copies on a NATS
+    cluster (KERNELLOOP_NATS_REPLICAS). Called once at start-up, before anything is declared: every
+    process must declare them alike, or the server refuses the later ones."""
+    global STREAM_CONFIG, _replicas
+    STREAM_CONFIG, _replicas = stream_config(replicas), replicas
+
+
+def replicas() -> int:
+    """What a KV bucket or object store is declared with: the stream's replicas."""
+    return _replicas
 
 
 def stream() -> JStream:
@@ -37,7 +60,7 @@ def make_broker(nats_url: str, tracer_provider: TracerProvider | None = None) ->
     # Telemetry outermost, so a failed message's span records the error before it is handled.
     middlewares = [NatsTelemetryMiddleware(tracer_provider=tracer_provider)] if tracer_provider else []
     middlewares += [deadletters.middleware(), Heartbeat]
-    broker = NatsBroker(nats_url, middlewares=middlewares, max_reconnect_attempts=-1)
+    broker = NatsBroker(nats_servers(nats_url), middlewares=middlewares, max_reconnect_attempts=-1)
     return broker, FastStream(broker)
 
 

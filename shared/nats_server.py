@@ -104,3 +104,83 @@ def _start_once(data_dir: Path, port: int | None, log_path: Path | None, timeout
             time.sleep(0.05)
     server.stop()
     raise TimeoutError(f"nats-server on port {port} not ready within {timeout} s")
+
+
+# ---- a cluster on one machine: for the tests, and as the shape of one across hosts ---------------
+
+
+@dataclass
+class Cluster:
+    """Nodes by server name. NATS_URL for a client is `url`: every node, so that a client goes on
+    with another node when the one it uses stops."""
+
+    nodes: dict[str, NatsServer]
+
+    @property
+    def urls(self) -> list[str]:
+        return [node.url for node in self.nodes.values()]
+
+    @property
+    def url(self) -> str:
+        return ",".join(self.urls)
+
+    def wait_healthy(self, timeout: float = 60.0) -> None:
+        """Until every running node's JetStream is in contact with a meta leader and its streams
+        are current: what a stopped node's return has to reach before it counts as rejoined."""
+        deadline = time.monotonic() + timeout
+        for name, node in self.nodes.items():
+            if node.process.poll() is not None:
+                continue
+            while not _healthy(node.monitor_port):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"cluster node {name} not healthy within {timeout} s")
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        for node in self.nodes.values():
+            node.stop()
+
+
+def cluster_config(name: str, cluster_port: int, routes: list[int], cluster: str = "kernelloop",
+                   extra: str = "") -> str:
+    """One node's config: its server name, and where it listens for the other nodes and where they
+    are (a route to itself is ignored). Its JetStream store is given on the command line, as for one
+    server. extra: e.g. the users' authorization block (shared/nats_auth.py), pasted in, as
+    `include` takes only paths relative to this file."""
+    route_list = ", ".join(f'"nats-route://127.0.0.1:{port}"' for port in routes)
+    return (f'server_name: "{name}"\n'
+            "jetstream: enabled\n"
+            f'cluster {{\n  name: "{cluster}"\n  listen: "127.0.0.1:{cluster_port}"\n  routes: [{route_list}]\n}}\n'
+            f"{extra}")
+
+
+def start_cluster(folder: Path, size: int = 3, extra_config: str = "", env: dict[str, str] | None = None,
+                  timeout: float = 60.0) -> Cluster:
+    """`size` nats-servers on loopback, clustered, each with its own folder (store, config, log),
+    client port and cluster port. Returns once every node is healthy (a meta leader elected)."""
+    folder = Path(folder)
+    names = [f"n{i + 1}" for i in range(size)]
+    cluster_ports = [free_port() for _ in names]
+    nodes: dict[str, NatsServer] = {}
+    try:
+        for name, cluster_port in zip(names, cluster_ports):
+            home = folder / name
+            home.mkdir(parents=True, exist_ok=True)
+            config = home / "nats.conf"
+            config.write_text(cluster_config(name, cluster_port, cluster_ports, extra=extra_config))
+            nodes[name] = start(home / "data", log_path=home / "nats-server.log", config=config, env=env)
+        cluster = Cluster(nodes)
+        cluster.wait_healthy(timeout)
+        return cluster
+    except Exception:
+        for node in nodes.values():
+            node.stop()
+        raise
+
+
+def _healthy(monitor_port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{monitor_port}/healthz", timeout=2) as r:
+            return r.status == 200
+    except OSError:  # an answer of 503 (no meta leader yet) is an HTTPError, an OSError
+        return False

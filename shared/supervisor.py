@@ -11,9 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import nats
-from nats.js.errors import NotFoundError
+import nats.errors
+from nats.js.errors import NotFoundError, ServiceUnavailableError
 
 from shared import nats_auth, nats_server, subjects
+from shared.settings import nats_servers
 
 SERVICES = ("observer", "detector", "generator", "benchmarker", "deployer")
 
@@ -119,8 +121,12 @@ def _spawn(name: str, state_dir: Path, env: dict[str, str]) -> subprocess.Popen:
         )
 
 
+# No consumer yet; or, on a cluster, one just created whose replicas are still electing a leader.
+NOT_YET = (NotFoundError, ServiceUnavailableError, nats.errors.NoRespondersError, nats.errors.TimeoutError)
+
+
 async def _wait_ready(nats_url: str, loop: Loop, timeout: float) -> None:
-    nc = await nats.connect(nats_url, connect_timeout=5)
+    nc = await nats.connect(nats_servers(nats_url), connect_timeout=5)
     try:
         js = nc.jetstream()
         deadline = time.monotonic() + timeout
@@ -132,7 +138,7 @@ async def _wait_ready(nats_url: str, loop: Loop, timeout: float) -> None:
                 try:
                     await js.consumer_info(subjects.STREAM_NAME, durable)
                     missing.discard(durable)
-                except NotFoundError:
+                except NOT_YET:
                     pass
             if missing and time.monotonic() > deadline:
                 raise TimeoutError(f"not ready within {timeout:.0f} s: no consumer {', '.join(sorted(missing))}")
