@@ -163,9 +163,15 @@ def _start_runtime(nats_url: str | None, hardware: str | None, window_s: float |
         source=f"{socket.gethostname()}:{os.getpid()}",
         window_s=window_s or settings.window_s,
         state_dir=Path(state_dir or settings.state_dir),
+        replicas=settings.nats_replicas,
     )
     _runtime = runtime.start()
     atexit.register(runtime.close)  # the last window is worth a short wait at exit
+    # The registry is the persistent tuning cache: a restarted process serves what is deployed from
+    # its first calls, once the current entries are loaded. Without NATS it serves the fallbacks.
+    if settings.registry_wait_s > 0 and not runtime.registry_synced.wait(settings.registry_wait_s):
+        log.warning("kernelloop: the registry did not answer within %g s (KERNELLOOP_REGISTRY_WAIT_S): the ops "
+                    "serve their fallbacks until it does, then deployed variants swap in", settings.registry_wait_s)
     return runtime
 
 

@@ -9,7 +9,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="", extra="ignore")
 
+    # A NATS cluster's nodes, comma-separated: a client goes on with another node when one is down.
     nats_url: str = Field("nats://127.0.0.1:4222", alias="NATS_URL")
+    # How many cluster nodes keep the stream, each KV bucket and the object store (1 on one server,
+    # 3 on a three-node cluster); every process of a deployment must use the same value.
+    nats_replicas: int = Field(1, ge=1, le=5, alias="KERNELLOOP_NATS_REPLICAS")
     otel_exporter_otlp_endpoint: str | None = Field(None, alias="OTEL_EXPORTER_OTLP_ENDPOINT")
     # Metrics go to their own backend (Jaeger takes traces only); none are exported while unset.
     otel_exporter_otlp_metrics_endpoint: str | None = Field(None, alias="OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
@@ -18,6 +22,9 @@ class Settings(BaseSettings):
     # Observer SDK: a window is published every window_s; one call in sample_every is timed.
     window_s: float = Field(5.0, alias="KERNELLOOP_WINDOW_S")
     sample_every: int = Field(8, alias="KERNELLOOP_SAMPLE_EVERY")
+    # observe() waits this long for the registry's current entries, so deployed variants serve the
+    # first calls; 0 returns at once (deployed variants then swap in as they load).
+    registry_wait_s: float = Field(5.0, ge=0, alias="KERNELLOOP_REGISTRY_WAIT_S")
     # Sampling observer (observe(model) or observe(step_fn)): the profiler records profile_active
     # steps in every profile_every. A profiled step costs tens of ms of host time (recording,
     # export, conversion), so 1 in 1000 keeps a few-ms step's overhead near 1 %
@@ -80,3 +87,9 @@ class Settings(BaseSettings):
     @property
     def traces_dir(self) -> Path:
         return self.state_dir / "traces"
+
+
+def nats_servers(nats_url: str) -> list[str]:
+    """NATS_URL's servers: the NATS clients here take one URL or a list, not the comma-separated
+    form other NATS tools accept."""
+    return [url.strip() for url in nats_url.split(",") if url.strip()]

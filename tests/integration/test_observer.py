@@ -123,6 +123,22 @@ async def test_registry_entry_is_hot_swapped_in_and_deletion_restores_the_fallba
         runtime.close(timeout=0.5)  # no stream here: the last window has nowhere to go
 
 
+async def test_a_restarted_workload_serves_the_deployed_variant_from_its_first_call(nats_url, js, tmp_path):
+    """The registry is the tuning cache that outlives the process: nothing is tuned again."""
+    kv = await js.create_key_value(KeyValueConfig(bucket=subjects.REGISTRY_BUCKET, history=subjects.REGISTRY_HISTORY))
+    entry = entry_for({"BLOCK": 256, "ROWS": 2, "num_warps": 2})
+    await kv.put(KEY, entry.model_dump_json().encode())
+    runtime = observe(nats_url, hardware=HW, window_s=0.5, state_dir=tmp_path)  # a fresh process's start
+    try:
+        assert runtime.serving("rmsnorm", "float16", "h256-r16") == entry.variant_id, "not loaded before observe returned"
+        x, w = rmsnorm.make_inputs([4, 256], torch.float16, DEVICE, seed=1)
+        y = ops.rmsnorm(x, w)  # the first call
+        ref = rmsnorm.reference(x, w).float()
+        assert (y.float() - ref).norm() / ref.norm() <= rmsnorm.TOLERANCE["float16"]
+    finally:
+        runtime.close(timeout=0.5)
+
+
 async def test_entry_whose_source_does_not_match_its_id_is_refused(nats_url, js, tmp_path):
     runtime = observe(nats_url, hardware=HW, window_s=0.5, state_dir=tmp_path)
     try:
@@ -189,6 +205,7 @@ def test_workload_runs_on_and_closes_promptly_without_a_server(tmp_path, caplog)
     assert time.monotonic() - closing < 3, "close() must not wait for a server that is not there"
     assert time.monotonic() - started < 10
     assert "unpublished windows at close" in caplog.text
+    assert "registry did not answer" in caplog.text, "a workload without NATS says it serves the fallbacks"
 
 
 async def test_windows_from_before_the_server_started_arrive_once_it_is_up(tmp_path):
