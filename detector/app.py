@@ -21,7 +21,7 @@ from detector.change import ChangeDetector
 from detector.hypothesis import build_hypothesis, incumbent_from, peaks_for, rank, worth_a_campaign
 from detector.inflight import CampaignGuard
 from detector.replay import replay
-from shared import subjects
+from shared import deadletters, subjects
 from shared.broker import (batch_subscriber, durable_subscriber, handle_each, make_broker, publish, replicas,
                            stream)
 from shared.schemas import Budget, Hypothesis, KernelKey, KernelStats, RegistryEntry, UsageChanged
@@ -150,11 +150,11 @@ def build_app(settings: Settings, tracer_provider: TracerProvider | None = None)
                                               detector.time_us_per_call(key), peaks_for(key.hardware),
                                               time_share=getattr(detector.snapshot(key), "time_share", None))
             except ValueError as e:
-                # a bad-but-valid event: say which field, ack it, keep serving
+                # a bad-but-valid event: say which field, dead-letter it (which acks it), keep serving
                 log.error("usage.changed %s refused: %s", event.event_id, e)
                 span.set_attribute("status", "rejected")
                 span.set_status(Status(StatusCode.ERROR, str(e)))
-                return
+                raise deadletters.Refused(str(e)) from None
             span.set_attribute("expected_gain", hypothesis.expected_gain)
             worth, why = worth_a_campaign(hypothesis, settings.min_expected_gain)
             if not worth:

@@ -76,7 +76,7 @@ def build_app(settings: Settings, tracer_provider: TracerProvider | None = None)
             except KeyError as e:
                 log.error("campaign %s: field campaign.key.op: %s; nothing generated", campaign.campaign_id, e)
                 span.set_attribute("status", "rejected")
-                return
+                raise deadletters.Refused(f"campaign.key.op: {e.args[0]}") from None
             programs = await store()
             db = await programs.load(key)
             db.learn(failures, best)  # the refine may overtake our own consumer of bench.result

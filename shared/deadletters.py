@@ -17,7 +17,14 @@ log = logging.getLogger("kernelloop.deadletters")
 MAX_DELIVER = 5
 BACKOFF_S = (1.0, 5.0, 15.0, 30.0)  # delay before the 2nd, 3rd, ... delivery
 PAYLOAD_CHARS = 4096
-PERMANENT = (ValidationError, json.JSONDecodeError, UnicodeDecodeError)
+
+
+class Refused(ValueError):
+    """A valid message that can never succeed (it names an op that does not exist, say): raised by a
+    handler, it is dead-lettered at once with this reason, like an invalid one."""
+
+
+PERMANENT = (ValidationError, json.JSONDecodeError, UnicodeDecodeError, Refused)
 
 
 def reason_of(exc: BaseException) -> str:
@@ -25,6 +32,8 @@ def reason_of(exc: BaseException) -> str:
     if isinstance(exc, ValidationError):
         fields = [f"{'.'.join(str(p) for p in e['loc']) or '(message)'}: {e['msg']}" for e in exc.errors()[:10]]
         return "invalid message: " + "; ".join(fields)
+    if isinstance(exc, Refused):
+        return f"refused: {exc}"[:1000]
     return f"{type(exc).__name__}: {exc}"[:1000]
 
 

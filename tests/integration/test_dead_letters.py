@@ -39,6 +39,10 @@ JUNK = {
     "unknown version": (json.dumps({**GOOD.model_dump(mode="json"), "schema_version": 7}).encode(), "schema_version"),
     "negative number": (json.dumps({**GOOD.model_dump(mode="json"),
                                     "profile": [{"shape": [8, 1024], "weight": -1}]}).encode(), "profile.0.weight"),
+    "unknown op": (json.dumps({**GOOD.model_dump(mode="json"), "key": {**KEY.model_dump(), "op": "gelu"}}).encode(),
+                   "key.op 'gelu'"),
+    # under the server's payload limit, and not an event: the letter keeps its first 4 KiB
+    "huge": (json.dumps({**GOOD.model_dump(mode="json"), "padding": "x" * 900_000}).encode(), "padding"),
 }
 
 
@@ -62,6 +66,10 @@ async def test_junk_is_dead_lettered_with_the_field_named_and_the_detector_keeps
                 assert letter is not None, f"{name}: not dead-lettered"
                 assert expected in letter.reason, (name, letter.reason)
                 assert letter.deliveries == 1 and letter.consumer == subjects.DURABLE[subjects.USAGE_CHANGED]
+            assert len(by_id["junk-huge"].payload) <= 4096
+            # over the server's limit a publish is refused at the client, and nothing reaches the stream
+            with pytest.raises(nats.errors.MaxPayloadError):
+                await js.publish(subjects.USAGE_CHANGED, b"{" + b" " * (nc.max_payload + 1) + b"}")
             hypotheses = await _fetch(js, subjects.HYPOTHESIS, 1)
             assert [Hypothesis.model_validate_json(m.data).campaign.key for m in hypotheses] == [KEY]
         finally:

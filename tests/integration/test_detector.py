@@ -13,7 +13,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from detector.app import build_app
 from shared import subjects
-from shared.schemas import Hypothesis, KernelKey, KernelStats, RegistryEntry, ShapeCount, UsageChanged, WeightedShape
+from shared.schemas import DeadLetter, Hypothesis, KernelKey, KernelStats, RegistryEntry, ShapeCount, UsageChanged, WeightedShape
 from shared.settings import Settings
 
 pytestmark = pytest.mark.nats
@@ -113,7 +113,7 @@ async def test_manual_event_gets_example_shapes_and_the_registry_incumbent(js):
     assert hypothesis.campaign.incumbent.params == {"BLOCK": 512, "ROWS": 4}
 
 
-async def test_unknown_op_is_acked_and_the_stage_keeps_serving(js, nats_url):
+async def test_unknown_op_is_dead_lettered_naming_the_field_and_the_stage_keeps_serving(js, nats_url):
     hypotheses = await js.pull_subscribe(subjects.HYPOTHESIS, stream=subjects.STREAM_NAME)
     bad = UsageChanged(key=PREFILL.model_copy(update={"op": "gelu"}), reason="manual")
     good = UsageChanged(key=PREFILL, reason="manual", profile=[WeightedShape(shape=[300, 512], weight=1.0)])
@@ -129,6 +129,9 @@ async def test_unknown_op_is_acked_and_the_stage_keeps_serving(js, nats_url):
             break
         await asyncio.sleep(0.1)
     assert consumer.num_ack_pending == 0 and consumer.num_redelivered == 0, "the refused event must be acked"
+    dead = await js.pull_subscribe(f"{subjects.DEAD_LETTER_PREFIX}.{subjects.USAGE_CHANGED}", stream=subjects.STREAM_NAME)
+    (letter,) = [DeadLetter.model_validate_json(m.data) for m in await dead.fetch(5, timeout=10)]
+    assert letter.original_event_id == bad.event_id and "key.op 'gelu'" in letter.reason
 
 
 async def test_redelivered_usage_changed_does_not_start_a_second_campaign(js):

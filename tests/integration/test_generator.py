@@ -11,7 +11,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from generator.app import build_app
 from shared import subjects, variants
-from shared.schemas import Budget, Campaign, Hypothesis, KernelKey, Refine, Scored, VariantReady, WeightedShape
+from shared.schemas import Budget, Campaign, DeadLetter, Hypothesis, KernelKey, Refine, Scored, VariantReady, WeightedShape
 from shared.settings import Settings
 
 pytestmark = pytest.mark.nats
@@ -126,11 +126,16 @@ async def test_refine_yields_the_next_round_around_the_best(generator):
     assert any(v.parents == [best.variant_id] for v in round1)
 
 
-async def test_unknown_op_is_acked_without_variants(generator):
+async def test_unknown_op_is_dead_lettered_naming_the_field_without_variants(generator):
     js = generator
-    ack = await send(js, subjects.HYPOTHESIS, hypothesis(op="nosuchop"))
+    bad = hypothesis(op="nosuchop")
+    ack = await send(js, subjects.HYPOTHESIS, bad)
     await wait_handled(js, subjects.HYPOTHESIS, ack.seq)
     assert await subject_count(js, subjects.VARIANT_READY) == 0
+    dead = await js.pull_subscribe(f"{subjects.DEAD_LETTER_PREFIX}.{subjects.HYPOTHESIS}", stream=subjects.STREAM_NAME)
+    (msg,) = await dead.fetch(5, timeout=10)
+    letter = DeadLetter.model_validate_json(msg.data)
+    assert letter.original_event_id == bad.event_id and "campaign.key.op" in letter.reason and "nosuchop" in letter.reason
 
 
 async def test_generate_span_joins_the_campaign_trace(generator, spans):
