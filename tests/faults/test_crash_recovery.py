@@ -73,22 +73,26 @@ async def _campaign_with_a_crash(nats_url: str, loop: supervisor.Loop, victim: s
         await asyncio.sleep(1.0)
         loop.restart(victim)
 
-        deadline = time.monotonic() + 420
-        while not await _deploys(nc):
-            assert not loop.dead(), f"{loop.dead()} exited; see {loop.state_dir / 'logs'}"
-            assert time.monotonic() < deadline, "the campaign did not complete after the crash"
-            await asyncio.sleep(2)
-        # The killed process's in-flight message comes back only after its ack_wait: wait for every
-        # consumer to drain, so a duplicate deploy from that redelivery would be seen.
-        deadline = time.monotonic() + await _longest_ack_wait(nc) + 60
-        while (unfinished := await _unfinished(nc)) and time.monotonic() < deadline:
-            await asyncio.sleep(1)
-        await asyncio.sleep(3)  # let anything the last redelivery published arrive
-        kv = await nc.jetstream().key_value(subjects.REGISTRY_BUCKET)
-        history = await kv.history(str(KEY))
-        return await _deploys(nc), history, unfinished
+        return await _completed(nc, loop, "the crash")
     finally:
         await nc.close()
+
+
+async def _completed(nc, loop: supervisor.Loop, after: str) -> tuple:
+    """Wait for the campaign's deploy, then for every consumer to drain: a message in hand when a
+    process or the server went away comes back only after its ack_wait, and a duplicate deploy from
+    that redelivery must be seen. Returns (deploys, registry history of KEY, unfinished consumers)."""
+    deadline = time.monotonic() + 420
+    while not await _deploys(nc):
+        assert not loop.dead(), f"{loop.dead()} exited; see {loop.state_dir / 'logs'}"
+        assert time.monotonic() < deadline, f"the campaign did not complete after {after}"
+        await asyncio.sleep(2)
+    deadline = time.monotonic() + await _longest_ack_wait(nc) + 60
+    while (unfinished := await _unfinished(nc)) and time.monotonic() < deadline:
+        await asyncio.sleep(1)
+    await asyncio.sleep(3)  # let anything the last redelivery published arrive
+    kv = await nc.jetstream().key_value(subjects.REGISTRY_BUCKET)
+    return await _deploys(nc), await kv.history(str(KEY)), unfinished
 
 
 @pytest.mark.parametrize("victim", list(KILL_WHEN))

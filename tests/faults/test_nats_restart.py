@@ -12,7 +12,7 @@ import nats
 import pytest
 
 from shared import subjects, supervisor
-from test_crash_recovery import FAST, KEY, _count, _deploys, _longest_ack_wait, _unfinished
+from test_crash_recovery import FAST, KEY, _completed, _count
 
 pytestmark = [pytest.mark.e2e, pytest.mark.nats]
 
@@ -43,20 +43,8 @@ async def _campaign_across_a_restart(loop: supervisor.Loop, when: str, event_fil
 
         await asyncio.to_thread(loop.server.restart, DOWN_S)
 
-        deadline = time.monotonic() + 420
-        while not await _deploys(nc):
-            assert not loop.dead(), f"{loop.dead()} exited; see {loop.state_dir / 'logs'}"
-            assert time.monotonic() < deadline, "the campaign did not complete after the restart"
-            await asyncio.sleep(2)
-        # A message in hand when the server went away comes back after its ack_wait.
-        deadline = time.monotonic() + await _longest_ack_wait(nc) + 60
-        while (unfinished := await _unfinished(nc)) and time.monotonic() < deadline:
-            await asyncio.sleep(1)
-        await asyncio.sleep(3)  # let anything the last redelivery published arrive
-        kv = await nc.jetstream().key_value(subjects.REGISTRY_BUCKET)
-        history = await kv.history(str(KEY))
-        dead = await _dead_letters(nc)
-        return await _deploys(nc), history, unfinished, dead
+        deploys, history, unfinished = await _completed(nc, loop, "the restart")
+        return deploys, history, unfinished, await _dead_letters(nc)
     finally:
         await nc.close()
 
