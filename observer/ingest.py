@@ -4,7 +4,8 @@ says which trace ops are which), its shape, dtype and time, aggregated over the 
 and the hot ops no catalog op covers.
 
 A call nested in a mapped call counts once (aten::linear runs aten::matmul and aten::mm inside).
-Unfused patterns (HF RMSNorm, SwiGLU) are looked for among the sibling calls left unmapped.
+Unfused patterns (HF's Llama and Gemma RMSNorm, SwiGLU, Phi-3's fused gate-up, HF's rotary) are
+looked for among the sibling calls left unmapped; a pattern's time is the sum of its calls'.
 Time is device time where the trace has device kernels (linked to the op that launched them by
 External id), else the op's own host duration. The unmapped ops are the top-level ops of each
 thread, less the time of mapped calls inside them, summed by name: where a new op would pay.
@@ -152,7 +153,9 @@ def ingest_profiler_trace(trace: dict, hardware: str, source: str) -> TraceResul
                     continue
                 for m in members:
                     m.mapped = True
-                record(name, shape, dtype, sum(timer(m, host_fallback=True) for m in members), how)
+                # device time of all the pattern's calls; views (slice, chunk) launch none and add none
+                time_us = sum(timer(m) for m in members) or sum(timer(m, host_fallback=True) for m in members)
+                record(name, shape, dtype, time_us, how)
         for op in siblings:
             if not op.mapped:
                 visit(op.children)

@@ -7,12 +7,18 @@
 | aten::matmul with a 2-D second input [K, N]             | matmul         | [M, N, K]                     |
 | aten::rms_norm, aten::_fused_rms_norm                   | rmsnorm        | x                             |
 | pow(x, 2), mean(-1), add(eps), rsqrt, mul, mul(weight)  | rmsnorm        | x (HF LlamaRMSNorm, unfused)  |
+| as above, then add(weight, 1), mul(x, 1 + weight)       | rmsnorm        | x (HF GemmaRMSNorm, unfused)  |
 | aten::silu(g [..., d]) then aten::mul(g', u) on [..., d]| silu_and_mul   | [rows, 2d] (SwiGLU, unfused)  |
+| chunk(h [..., 2d], 2, -1), silu(g), mul(silu(g), u)     | silu_and_mul   | [rows, 2d] (Phi-3 gate_up)    |
+| mul(x, cos), slice, slice, neg, cat, mul(r, sin), add   | rotary         | [tokens, heads, head_dim]     |
 | aten::softmax, aten::_softmax, aten::_safe_softmax      | softmax        | x, over the last dim only     |
 | aten::layer_norm, aten::native_layer_norm               | layernorm      | x, over the last dim only     |
 | kernelloop::<op>                                        | <op>           | x (matmul: as aten::linear)   |
 | other namespaces naming an op (_C::silu_and_mul, ...)   | that op        | x                             |
 
+The rotary row is HF's apply_rotary_pos_emb, q * cos + rotate_half(q) * sin with rotate_half a
+slice, neg and cat, once for q and once for k: x is [batch, heads, seq, head_dim] (cos [.., 1, seq,
+head_dim]) or [batch, seq, heads, head_dim] (cos [.., seq, 1, head_dim]), tokens = batch * seq.
 Batched matmuls (aten::bmm, a 3-D second input) and backward ops map to nothing. A call of a catalog
 op in a dtype the op has no kernels for is reported with the unmapped ops, saying so.
 """
@@ -168,8 +174,10 @@ def dims_of(op) -> list:
     return [d for d in dims if isinstance(d, list) and d] if isinstance(dims, list) else []
 
 
-def _rmsnorm_at(seq: list, i: int) -> tuple[list[int], str | None, list] | None:
-    """HF LlamaRMSNorm, unfused: [to] pow(x, 2) mean(-1) [add(eps)] rsqrt mul [to] [mul(weight)]."""
+def _rmsnorm_at(seq: list, i: int, one_plus: bool = False) -> tuple[list[int], str | None, list] | None:
+    """HF LlamaRMSNorm, unfused: [to] pow(x, 2) mean(-1) [add(eps)] rsqrt mul [to] [mul(weight)].
+    one_plus: GemmaRMSNorm's tail instead, all in fp32: [to(weight)] add(weight, 1) mul(x, 1 + weight)
+    [type_as], the same op with 1 + weight for its weight."""
     first = i
     if seq[i].name in _CASTS and i + 1 < len(seq):
         i += 1
@@ -179,10 +187,11 @@ def _rmsnorm_at(seq: list, i: int) -> tuple[list[int], str | None, list] | None:
     if not x:
         return None
     r = x[:-1] + [1]  # the per-row statistic
+    weighted = ("aten::mul", lambda d: {tuple(v) for v in d[:2]} == {tuple(x), (x[-1],)}, one_plus)
     steps = [("aten::mean", lambda d: d[:1] == [x], True), ("aten::add", lambda d: d[:1] == [r], False),
              ("aten::rsqrt", lambda d: d[:1] == [r], True),
-             ("aten::mul", lambda d: {tuple(v) for v in d[:2]} == {tuple(x), tuple(r)}, True),
-             ("aten::mul", lambda d: {tuple(v) for v in d[:2]} == {tuple(x), (x[-1],)}, False)]
+             ("aten::mul", lambda d: {tuple(v) for v in d[:2]} == {tuple(x), tuple(r)}, True)]
+    steps += [("aten::add", lambda d: d[:1] == [[x[-1]]], True), weighted] if one_plus else [weighted]
     j = i + 1
     for name, fits, required in steps:
         while j < len(seq) and seq[j].name in _CASTS:
@@ -191,8 +200,14 @@ def _rmsnorm_at(seq: list, i: int) -> tuple[list[int], str | None, list] | None:
             j += 1
         elif required:
             return None
+    if one_plus and j < len(seq) and seq[j].name in _CASTS and dims_of(seq[j])[:1] == [x]:
+        j += 1  # type_as(x): back to the input's dtype
     members = seq[first:j]
     return x, DTYPES.get(type_of(members[0].args, 0)), members
+
+
+def _gemma_rmsnorm_at(seq: list, i: int) -> tuple[list[int], str | None, list] | None:
+    return _rmsnorm_at(seq, i, one_plus=True)
 
 
 def _swiglu_at(seq: list, i: int, lookahead: int = 6) -> tuple[list[int], str | None, list] | None:
@@ -208,5 +223,66 @@ def _swiglu_at(seq: list, i: int, lookahead: int = 6) -> tuple[list[int], str | 
     return None
 
 
-PATTERNS = (("rmsnorm", _rmsnorm_at, "HF RMSNorm pattern (pow, mean, rsqrt, mul)"),
-             ("silu_and_mul", _swiglu_at, "SwiGLU pattern (silu, mul)"))
+def _gate_up_at(seq: list, i: int) -> tuple[list[int], str | None, list] | None:
+    """Phi-3's fused gate_up_proj: chunk(h [..., 2d], 2, -1), then silu(gate) and mul(up, silu)."""
+    if seq[i].name != "aten::chunk" or _concrete(seq[i].args, 1) not in (None, "2"):
+        return None
+    h = (dims_of(seq[i]) or [None])[0]
+    if not h or h[-1] % 2 or i + 1 == len(seq) or dims_of(seq[i + 1])[:1] != [h[:-1] + [h[-1] // 2]]:
+        return None  # the gate is not h's first half along the last dim
+    found = _swiglu_at(seq, i + 1, lookahead=2)
+    return (found[0], found[1], [seq[i], *found[2]]) if found else None
+
+
+_VIEWS = {"aten::slice", "aten::narrow", "aten::chunk", "aten::split", "aten::alias"}
+
+
+def _rotary_shape(x: list[int], c: list[int]) -> list[int] | None:
+    """[tokens, heads, head_dim] of q or k rotated by cos c, or None when c is no rotary's angle.
+    Heads are the dim cos broadcasts over next to the sequence dim, cos varying along the other:
+    [batch, heads, seq, d] with cos [.., 1, seq, d]; [batch, seq, heads, d] with cos [.., seq, 1, d];
+    [tokens, heads, d] with cos [tokens, 1, d]."""
+    if len(c) != len(x) or c[-1] != x[-1] or x[-1] % 2 or c == x or any(a not in (1, b) for a, b in zip(c, x)):
+        return None
+    if len(x) == 3:
+        return [x[0], x[1], x[2]] if c[1] == 1 and c[0] == x[0] else None
+    if len(x) != 4:
+        return None
+    if c[1] == 1 and c[2] == x[2]:  # unsqueeze_dim=1, HF's default
+        return [x[0] * x[2], x[1], x[3]]
+    if c[2] == 1 and c[1] == x[1]:  # unsqueeze_dim=2
+        return [x[0] * x[1], x[2], x[3]]
+    return None
+
+
+def _rotary_at(seq: list, i: int, lookahead: int = 10) -> tuple[list[int], str | None, list] | None:
+    """HF's q * cos + rotate_half(q) * sin on one of q or k: mul(x, cos), [slice, slice] neg(x2)
+    cat(-x2, x1) (rotate_half), mul(rotated, sin), add."""
+    if seq[i].name != "aten::mul":
+        return None
+    dims = dims_of(seq[i])
+    if len(dims) < 2 or not all(type(n) is int for d in dims[:2] for n in d):
+        return None
+    x, c = dims[0], dims[1]
+    shape = _rotary_shape(x, c)
+    if shape is None:
+        return None
+    half = x[:-1] + [x[-1] // 2]
+    steps = [("aten::neg", lambda d: d[:1] == [half]), ("aten::cat", lambda d: d[:1] == [[half, half]]),
+             ("aten::mul", lambda d: d[:2] == [x, c]), ("aten::add", lambda d: d[:2] == [x, x])]
+    j, end = i + 1, min(i + 1 + lookahead, len(seq))
+    for name, fits in steps:
+        while j < end and (seq[j].name in _CASTS or seq[j].name in _VIEWS and name == "aten::neg"):
+            j += 1
+        if j == end or seq[j].name != name or not fits(dims_of(seq[j])):
+            return None
+        j += 1
+    return shape, DTYPES.get(type_of(seq[i].args, 0)), seq[i:j]
+
+
+# Tried in this order at each call; the first that matches takes its calls.
+PATTERNS = (("rmsnorm", _gemma_rmsnorm_at, "Gemma RMSNorm pattern (pow, mean, rsqrt, mul, 1 + weight)"),
+            ("rmsnorm", _rmsnorm_at, "HF RMSNorm pattern (pow, mean, rsqrt, mul)"),
+            ("silu_and_mul", _gate_up_at, "fused gate-up pattern (chunk, silu, mul)"),
+            ("silu_and_mul", _swiglu_at, "SwiGLU pattern (silu, mul)"),
+            ("rotary", _rotary_at, "rotary pattern (mul, neg, cat, mul, add)"))

@@ -1,5 +1,6 @@
-"""Module patching: a model's supported building blocks (RMSNorm, the SwiGLU MLP, rotary embedding,
-nn.Softmax) served by kernelloop's ops in place, and undone by unpatch. Only a block that computes
+"""Module patching: a model's supported building blocks (RMSNorm, Gemma's 1 + weight RMSNorm too, the
+SwiGLU MLP, Phi-3's fused gate-up MLP, rotary embedding, nn.Softmax) served by kernelloop's ops in
+place, and undone by unpatch. Only a block that computes
 the same as the op on a probe input is swapped; the others are logged and left as they are.
 
     kernelloop.patch(model)              # in place; returns the model
@@ -20,7 +21,7 @@ from shared.ops import get_op
 log = logging.getLogger("kernelloop.observer")
 
 # Probe bar, relative norm error: a few roundings of the dtype. A look-alike that computes another
-# function (Gemma's 1 + weight, a GELU gate, interleaved rotary pairs) misses it by orders of magnitude.
+# function (a GELU gate, interleaved rotary pairs) misses it by orders of magnitude.
 _PROBE_TOLERANCE = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 _STATE_ATTR = "_kernelloop_patch"
 
@@ -65,17 +66,39 @@ def _probe(shape: tuple[int, ...], like: torch.Tensor, seed: int = 0) -> torch.T
 # ---- RMSNorm ------------------------------------------------------------------------------------
 
 class _PatchedRMSNorm(torch.nn.Module):
-    """Stands in for an RMSNorm module, sharing its weight (state dict keys stay the same)."""
+    """Stands in for an RMSNorm module, sharing its weight (state dict keys stay the same). offset=1
+    serves Gemma's x * rstd * (1 + weight) as the op with 1 + weight for its weight."""
 
-    def __init__(self, weight: torch.nn.Parameter, eps: float | None, rmsnorm: Callable):
+    def __init__(self, weight: torch.nn.Parameter, eps: float | None, rmsnorm: Callable, offset: float = 0.0):
         super().__init__()
         self.weight = weight
         self.eps = eps
+        self.offset = offset
         self._rmsnorm = rmsnorm
+        self._shifted: tuple | None = None  # (weight as it was, its version, weight + offset): not state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps  # nn.RMSNorm's default
-        return self._rmsnorm(x, self.weight, eps)
+        return self._rmsnorm(x, self._shifted_weight() if self.offset else self.weight, eps)
+
+    def _shifted_weight(self) -> torch.Tensor:
+        # weight + offset is made once and again only when the weight changes, not per call: per call
+        # it would be one more kernel launch per norm, as many launches as the norms themselves in a
+        # decode step. Every way to change the weight but one moves the key: .to(), .half(),
+        # load_state_dict(assign=True) or `weight.data = ...` give new storage; load_state_dict,
+        # copy_ and other in-place ops bump the version counter. Writes through `weight.data` bypass
+        # the counter, as they bypass autograd's. Holding the old weight's tensor keeps its storage
+        # from being reused, so a new weight never passes for it.
+        w = self.weight
+        version = -1 if w.is_inference() else w._version  # inference tensors keep no counter
+        cached = self._shifted
+        if cached is None or cached[0].data_ptr() != w.data_ptr() or cached[1] != version \
+                or cached[0].dtype != w.dtype or cached[0].shape != w.shape:
+            with torch.no_grad():
+                # in the weight's dtype, as the op's variants are checked (weight typed like x);
+                # in bf16 that is one rounding of 1 + weight, within the op's bf16 tolerance
+                cached = self._shifted = (w.detach(), version, w.detach() + self.offset)
+        return cached[2]
 
 
 def _is_rmsnorm(module: torch.nn.Module) -> bool:
@@ -95,8 +118,13 @@ def _patch_rmsnorm(module: torch.nn.Module, ops) -> torch.nn.Module | None:
     probe_eps = eps if eps is not None else torch.finfo(probe.dtype).eps
     # against the reference, not the op: a probe is no call of the workload's
     reference = get_op("rmsnorm").reference
-    agrees = _agrees(lambda: module(probe), lambda: reference(probe, weight, probe_eps), weight.dtype)
-    return patched if agrees else None
+    if _agrees(lambda: module(probe), lambda: reference(probe, weight, probe_eps), weight.dtype):
+        return patched
+    # Gemma's (and others') x * rstd * (1 + weight): the weights of the two forms differ by one, so
+    # at most one of the probes agrees
+    if _agrees(lambda: module(probe), lambda: reference(probe, weight + 1, probe_eps), weight.dtype):
+        return _PatchedRMSNorm(module.weight, eps, ops.rmsnorm, offset=1.0)
+    return None
 
 
 # ---- SwiGLU MLP ---------------------------------------------------------------------------------
@@ -163,6 +191,39 @@ def _patch_swiglu(module: torch.nn.Module, ops) -> torch.nn.Module | None:
     patched = _PatchedSwiGLU(module, ops.silu_and_mul)
     patched._fuse()
     return patched
+
+
+# ---- fused gate-up MLP (Phi-3) --------------------------------------------------------------------
+
+class _PatchedGateUp(torch.nn.Module):
+    """down_proj(silu_and_mul(gate_up_proj(x))): the projection's output [..., 2 * intermediate] is
+    the op's input as it is, gate half first, where the module chunks it in two and multiplies
+    act(gate) by up. The original's children are kept under their names: paths and state dict stay."""
+
+    def __init__(self, original: torch.nn.Module, silu_and_mul: Callable):
+        super().__init__()
+        for name, child in original.named_children():
+            self.add_module(name, child)
+        self._silu_and_mul = silu_and_mul
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self._silu_and_mul(self.gate_up_proj(x)))
+
+
+def _is_gate_up(module: torch.nn.Module) -> bool:
+    gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    return (isinstance(gate_up, torch.nn.Linear) and isinstance(down, torch.nn.Linear)
+            and gate_up.out_features == 2 * down.in_features)
+
+
+def _patch_gate_up(module: torch.nn.Module, ops) -> torch.nn.Module | None:
+    gate_up = module.gate_up_proj
+    probe = _probe((3, gate_up.in_features), gate_up.weight)  # probe: [3, hidden]
+    reference = get_op("silu_and_mul").reference
+    # a GELU gate or up-then-gate halves compute something else and stay
+    if not _agrees(lambda: module(probe), lambda: module.down_proj(reference(gate_up(probe))), gate_up.weight.dtype):
+        return None
+    return _PatchedGateUp(module, ops.silu_and_mul)
 
 
 # ---- nn.Softmax ---------------------------------------------------------------------------------
@@ -308,9 +369,10 @@ def _patch_rotary(model: torch.nn.Module, module: torch.nn.Module, namespace: di
 
 # ---- patch, patched, unpatch --------------------------------------------------------------------
 
-_PATCHED = (_PatchedRMSNorm, _PatchedSwiGLU, _PatchedSoftmax)
+_PATCHED = (_PatchedRMSNorm, _PatchedSwiGLU, _PatchedGateUp, _PatchedSoftmax)
 # (test, patcher, op): the first test a module passes decides what it may become
 _SWAPS = ((_is_rmsnorm, _patch_rmsnorm, "rmsnorm"), (_is_swiglu, _patch_swiglu, "silu_and_mul"),
+          (_is_gate_up, _patch_gate_up, "silu_and_mul"),
           (lambda m: type(m) is torch.nn.Softmax, _patch_softmax, "softmax"))
 
 
@@ -322,8 +384,9 @@ def _swap(parent: torch.nn.Module, child: str, module: torch.nn.Module) -> Calla
 
 def patch(model: torch.nn.Module) -> torch.nn.Module:
     """Serve the model's supported blocks by kernelloop's ops, in place, and return the model:
-    RMSNorm (torch's and *RMSNorm look-alikes) by ops.rmsnorm; a SwiGLU MLP (gate_proj, up_proj,
-    down_proj) by one fused projection and ops.silu_and_mul; rotary embedding of Llama-family
+    RMSNorm (torch's and *RMSNorm look-alikes, Gemma's 1 + weight form too) by ops.rmsnorm; a SwiGLU
+    MLP (gate_proj, up_proj, down_proj) by one fused projection and ops.silu_and_mul, as is a fused
+    one (gate_up_proj, chunked in two, down_proj: Phi-3); rotary embedding of Llama-family
     attention (HF transformers' apply_rotary_pos_emb) by ops.rotary; nn.Softmax by ops.softmax.
     Each swap is checked on a probe input first; a block that disagrees is logged and kept.
     patched(model) reports what was swapped and what was left; unpatch(model) undoes it all.

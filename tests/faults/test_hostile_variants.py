@@ -28,6 +28,8 @@ from shared.ops import rmsnorm
 from shared.schemas import BenchResult, Budget, Campaign, Deploy, KernelKey, VariantReady, WeightedShape
 from shared.settings import Settings
 from shared.variants import render, variant_id
+from support.rmsnorm_answers import (BLOCK_MULTIPLES_ONLY, ONE_BLOCK_SOURCE, SQUARES_IN_FP16, WRITES_INPUT,
+                                     edit)
 
 PROFILE = [WeightedShape(shape=[4, 256], weight=1.0)]
 REPS = 3
@@ -37,104 +39,51 @@ MEMORY_GB = 2.0 if interpreted() else 16.0
 MARGIN = 0.02
 
 
-def _edit(source: str, old: str, new: str) -> str:
-    assert old in source, f"source lacks {old!r}"
-    return source.replace(old, new)
-
-
 # ---- the variants -------------------------------------------------------------------------------
 
-GOOD = '''import torch
-import triton
-import triton.language as tl
-
-
-@triton.jit
-def _rms(X, W, Y, n_cols, eps, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    x = tl.load(X + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
-    tl.store(Y + row * n_cols + cols, (x * rstd * w).to(Y.dtype.element_ty), mask=mask)
-
-
-def launch(x, weight, eps=1e-6):
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()  # x2: [rows, hidden]
-    y = torch.empty_like(x2)
-    _rms[(x2.shape[0],)](x2, weight, y, x2.shape[1], eps, BLOCK=triton.next_power_of_2(x2.shape[1]))
-    return y.reshape(x.shape)
-'''
+GOOD = ONE_BLOCK_SOURCE
 LAUNCH = "def launch(x, weight, eps=1e-6):\n"
 KERNEL_CALL = "    _rms[(x2.shape[0],)](x2, weight, y, x2.shape[1], eps, BLOCK=triton.next_power_of_2(x2.shape[1]))\n"
 RETURN = "    return y.reshape(x.shape)\n"
 
 
 def _prelude(imports: str) -> str:
-    return _edit(GOOD, "import torch\n", imports + "import torch\n")
+    return edit(GOOD, "import torch\n", imports + "import torch\n")
 
 
 def _before_launch(body: str, imports: str = "") -> str:
     """GOOD with `body` run first in launch()."""
-    return _edit(_prelude(imports) if imports else GOOD, LAUNCH, LAUNCH + body)
+    return edit(_prelude(imports) if imports else GOOD, LAUNCH, LAUNCH + body)
 
 
-SYNTAX_ERROR = _edit(GOOD, LAUNCH, "def launch(x, weight, eps=1e-6)\n")
+SYNTAX_ERROR = edit(GOOD, LAUNCH, "def launch(x, weight, eps=1e-6)\n")
 IMPORTS_OS = _before_launch("    os.system('touch /tmp/kl-owned')\n", "import os\n")
 IMPORTS_SUBPROCESS = _before_launch("    subprocess.run(['true'])\n", "import subprocess\n")
 IMPORTS_SOCKET = _before_launch("    socket.create_connection(('127.0.0.1', 4222)).send(b'PUB x 0\\r\\n\\r\\n')\n",
                                 "import socket\n")
 SEGFAULT_BY_CTYPES = _before_launch("    ctypes.string_at(0)\n", "import ctypes\n")
 SPINS_IN_LAUNCHER = _before_launch("    while True:\n        pass\n")
-SPINS_IN_KERNEL = _edit(GOOD, "    tl.store(Y + row", "    for _ in range(0, 1 << 62):\n        x += 1.0\n    tl.store(Y + row")
+SPINS_IN_KERNEL = edit(GOOD, "    tl.store(Y + row", "    for _ in range(0, 1 << 62):\n        x += 1.0\n    tl.store(Y + row")
 # Each chunk is touched (ones, not empty), so without a limit this takes the machine's memory.
 EATS_MEMORY = _before_launch("    hoard = []\n    while True:\n        hoard.append(torch.ones(1 << 28, dtype=torch.int8))\n")
 EXITS_PROCESS = _before_launch("    raise SystemExit(3)\n")
 
 # Loads 2^40 elements past x: unmapped memory, a SIGSEGV in the worker (an illegal address on a GPU).
-WILD_POINTER = _edit(GOOD, "    x = tl.load(X + row * n_cols + cols, mask=mask, other=0.0)",
+WILD_POINTER = edit(GOOD, "    x = tl.load(X + row * n_cols + cols, mask=mask, other=0.0)",
                      "    x = tl.load(X + row * n_cols + cols + (1 << 40), mask=mask, other=0.0)")
 # No mask on the loads: each row also reads the head of the next one (and the last row past the end).
-OUT_OF_BOUNDS = _edit(_edit(GOOD, "tl.load(X + row * n_cols + cols, mask=mask, other=0.0)", "tl.load(X + row * n_cols + cols)"),
+OUT_OF_BOUNDS = edit(edit(GOOD, "tl.load(X + row * n_cols + cols, mask=mask, other=0.0)", "tl.load(X + row * n_cols + cols)"),
                       "tl.load(W + cols, mask=mask, other=0.0)", "tl.load(W + cols)")
 # One program: only row 0 is written; the other rows hold whatever the allocator handed out.
-LEAVES_OUTPUT_UNWRITTEN = _edit(GOOD, "_rms[(x2.shape[0],)]", "_rms[(1,)]")
-# Whole blocks of 64 only: a row whose length is not a multiple of 64 loses its tail.
-BLOCK_MULTIPLES_ONLY = '''import torch
-import triton
-import triton.language as tl
-
-
-@triton.jit
-def _rms(X, W, Y, n_cols, eps, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for off in range(0, n_cols - BLOCK + 1, BLOCK):
-        x = tl.load(X + row * n_cols + off + tl.arange(0, BLOCK)).to(tl.float32)
-        acc += x * x
-    rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / n_cols + eps)
-    for off in range(0, n_cols - BLOCK + 1, BLOCK):
-        cols = off + tl.arange(0, BLOCK)
-        x = tl.load(X + row * n_cols + cols).to(tl.float32)
-        w = tl.load(W + cols).to(tl.float32)
-        tl.store(Y + row * n_cols + cols, (x * rstd * w).to(Y.dtype.element_ty))
-
-
-def launch(x, weight, eps=1e-6):
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()  # x2: [rows, hidden]
-    y = torch.zeros_like(x2)
-    _rms[(x2.shape[0],)](x2, weight, y, x2.shape[1], eps, BLOCK=64)
-    return y.reshape(x.shape)
-'''
+LEAVES_OUTPUT_UNWRITTEN = edit(GOOD, "_rms[(x2.shape[0],)]", "_rms[(1,)]")
 # The answer is kept per input address: a later call on the same buffers gets the old answer.
-CACHES_BY_ADDRESS = _edit(_edit(GOOD, LAUNCH, "_CACHE = {}\n\n\n" + LAUNCH + (
+CACHES_BY_ADDRESS = edit(edit(GOOD, LAUNCH, "_CACHE = {}\n\n\n" + LAUNCH + (
     "    key = (x.data_ptr(), weight.data_ptr(), tuple(x.shape))\n"
     "    if key in _CACHE:\n"
     "        return _CACHE[key]\n")), RETURN, "    _CACHE[key] = y.reshape(x.shape)\n    return _CACHE[key]\n")
 # The kernel goes to a side stream (a thread without CUDA) and launch() returns at once, so a timer
 # on the current stream stops before the work is done.
-SIDE_STREAM = _edit(_prelude("import threading\n"), KERNEL_CALL, (
+SIDE_STREAM = edit(_prelude("import threading\n"), KERNEL_CALL, (
     "    grid = (x2.shape[0],)\n"
     "    block = triton.next_power_of_2(x2.shape[1])\n"
     "    if torch.cuda.is_available():\n"
@@ -143,19 +92,19 @@ SIDE_STREAM = _edit(_prelude("import threading\n"), KERNEL_CALL, (
     "    else:\n"
     "        threading.Thread(target=lambda: _rms[grid](x2, weight, y, x2.shape[1], eps, BLOCK=block)).start()\n"))
 # Runs the kernel for show and returns its input.
-RETURNS_INPUT = _edit(GOOD, RETURN, "    return x\n")
+RETURNS_INPUT = edit(GOOD, RETURN, "    return x\n")
 # Rounds x to bfloat16 before the math: 2^-9 relative error, far outside float32's tolerance.
-BFLOAT16_MATH = _edit(GOOD, "x = tl.load(X + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)",
+BFLOAT16_MATH = edit(GOOD, "x = tl.load(X + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)",
                       "x = tl.load(X + row * n_cols + cols, mask=mask, other=0.0).to(tl.bfloat16).to(tl.float32)")
 # The kernel launch is for show; the answer is the torch reference, spelled with calls and operators
 # that no static list of banned names knows.
-TORCH_REFERENCE = _edit(GOOD, RETURN, (
+TORCH_REFERENCE = edit(GOOD, RETURN, (
     "    xf = x.float()\n"
     "    ms = (xf * xf).nanmean(-1, keepdim=True)\n"
     "    return (xf * (ms + eps) ** -0.5 * weight.float()).to(x.dtype)\n"))
 # From the fourth call in a row on the same tensors it returns the last answer without launching:
 # the check (at most three calls per tensor) sees only honest calls, a timed batch mostly skipped ones.
-SKIPS_REPEATED_CALLS = _edit(_edit(GOOD, LAUNCH, "_LAST = {}\n\n\n" + LAUNCH + (
+SKIPS_REPEATED_CALLS = edit(edit(GOOD, LAUNCH, "_LAST = {}\n\n\n" + LAUNCH + (
     "    if _LAST.get('x') is x and _LAST.get('w') is weight:\n"
     "        _LAST['n'] += 1\n"
     "        if _LAST['n'] >= 3:\n"
@@ -163,7 +112,7 @@ SKIPS_REPEATED_CALLS = _edit(_edit(GOOD, LAUNCH, "_LAST = {}\n\n\n" + LAUNCH + (
     "    else:\n"
     "        _LAST.update(x=x, w=weight, n=0)\n")), RETURN, "    _LAST['y'] = y.reshape(x.shape)\n    return _LAST['y']\n")
 # A kernel while it is checked (at most three calls per tensor), torch from the fourth call on.
-TORCH_WHEN_TIMED = _edit(GOOD, LAUNCH, "_SEEN = {}\n\n\n" + LAUNCH + (
+TORCH_WHEN_TIMED = edit(GOOD, LAUNCH, "_SEEN = {}\n\n\n" + LAUNCH + (
     "    _SEEN['n'] = _SEEN['n'] + 1 if _SEEN.get('x') is x else 0\n"
     "    _SEEN['x'] = x\n"
     "    if _SEEN['n'] >= 3:\n"
@@ -211,15 +160,12 @@ def launch(x, weight, eps=1e-6):
     return y.reshape(x.shape)
 '''
 # Clamps x to [0, 1) "for stability": right on unit-range test data, wrong on anything else.
-UNIT_RANGE_ONLY = _edit(GOOD, "    w = tl.load(W", "    x = tl.minimum(tl.maximum(x, 0.0), 0.999)\n    w = tl.load(W")
-# Squares in float16: right on moderate values, inf once |x| > 256 (activation outliers do that).
-SQUARES_IN_FP16 = _edit(GOOD, "tl.sum(x * x, axis=0)", "tl.sum((x.to(tl.float16) * x.to(tl.float16)).to(tl.float32), axis=0)")
+UNIT_RANGE_ONLY = edit(GOOD, "    w = tl.load(W", "    x = tl.minimum(tl.maximum(x, 0.0), 0.999)\n    w = tl.load(W")
 # numpy does the arithmetic, where neither torch's dispatcher nor a list of torch names can see it.
-LEAVES_TORCH_FOR_NUMPY = _edit(GOOD, RETURN, (
+LEAVES_TORCH_FOR_NUMPY = edit(GOOD, RETURN, (
     "    xs, ws = x.float().numpy(), weight.float().numpy()\n"
     "    y.numpy()[...] = (xs / ((xs * xs).sum(-1, keepdims=True) / xs.shape[-1] + eps) ** 0.5 * ws).reshape(y.shape)\n"
     + RETURN))
-WRITES_INPUT = _edit(_edit(GOOD, "y = torch.empty_like(x2)", "y = x2"), RETURN, "    return x2.clone().reshape(x.shape)\n")
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
-"""A small LLaMA-style block that calls no kernelloop op, run under torch.profiler on the CPU: what a
-serving process's trace looks like, with counts known from the model."""
+"""A small LLaMA-style block that calls no kernelloop op, and tiny transformers models (Llama, Gemma,
+Phi-3) from a config, run under torch.profiler on the CPU: what a serving process's trace looks like,
+with counts known from the model."""
 import json
 from pathlib import Path
 
@@ -57,5 +58,34 @@ def profile_block(path: Path, dtype: torch.dtype = torch.bfloat16, steps: int = 
                                     record_shapes=record_shapes) as prof:
             for _ in range(steps):
                 model(x)
+    prof.export_chrome_trace(str(path))
+    return json.loads(Path(path).read_text())
+
+
+# ---- tiny transformers models, random weights from a config (no download) -------------------------
+
+TOKENS = (2, 5)  # [batch, seq] of the token ids each step runs
+TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, vocab_size=128, max_position_embeddings=64, pad_token_id=0,
+            bos_token_id=1, eos_token_id=2)
+
+
+def tiny_transformers(name: str, dtype: torch.dtype = torch.bfloat16, **overrides):
+    """transformers' <name>ForCausalLM ("Llama", "Gemma", "Phi3") from the TINY config, seeded."""
+    import transformers
+
+    config = getattr(transformers, f"{name}Config")(**{**TINY, **overrides})
+    torch.manual_seed(0)
+    return getattr(transformers, f"{name}ForCausalLM")(config).to(dtype).eval()
+
+
+def profile_transformers(path: Path, model, steps: int = 2) -> dict:
+    """`steps` forwards of the model over TOKENS under the profiler, after one warm one."""
+    tokens = torch.randint(0, model.config.vocab_size, TOKENS, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model(tokens)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+            for _ in range(steps):
+                model(tokens)
     prof.export_chrome_trace(str(path))
     return json.loads(Path(path).read_text())

@@ -7,44 +7,16 @@ from benchmarker.check import check, output_problem, relative_error
 from shared.hardware import device
 from shared.ops import rmsnorm, torch_dtype
 from shared.variants import load, render, variant_id
+from support.rmsnorm_answers import (BLOCK_MULTIPLES_ONLY, ONE_BLOCK_SOURCE, SQUARES_IN_FP16, WRITES_INPUT,
+                                     edit)
 
 PROFILE = [[4, 256]]
 
 # ---- small variants, written out so each bug is visible -----------------------------------------
 
-GOOD = '''
-import torch
-import triton
-import triton.language as tl
-
-
-@triton.jit
-def _rms(X, W, Y, n_cols, eps, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    x = tl.load(X + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
-    tl.store(Y + row * n_cols + cols, (x * rstd * w).to(Y.dtype.element_ty), mask=mask)
-
-
-def launch(x, weight, eps=1e-6):
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()  # x2: [rows, hidden]
-    y = torch.empty_like(x2)
-    _rms[(x2.shape[0],)](x2, weight, y, x2.shape[1], eps, BLOCK=triton.next_power_of_2(x2.shape[1]))
-    return y.reshape(x.shape)
-'''
-
-
-def _edit(source: str, old: str, new: str) -> str:
-    assert old in source, f"test source lacks {old!r}"
-    return source.replace(old, new)
-
-
-FORGETS_WEIGHT = _edit(GOOD, "(x * rstd * w)", "(x * rstd)")
-NAN_OUTPUT = _edit(GOOD, "tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)", "tl.sqrt(-tl.sum(x * x, axis=0) / n_cols)")
-WRITES_INPUT = _edit(_edit(GOOD, "y = torch.empty_like(x2)", "y = x2"), "return y.reshape(x.shape)", "return x2.clone().reshape(x.shape)")
+GOOD = ONE_BLOCK_SOURCE
+FORGETS_WEIGHT = edit(GOOD, "(x * rstd * w)", "(x * rstd)")
+NAN_OUTPUT = edit(GOOD, "tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)", "tl.sqrt(-tl.sum(x * x, axis=0) / n_cols)")
 # Two rows per program and a grid that rounds down: the last row of an odd row count is never written.
 ROWS_PAIRED = '''
 import torch
@@ -68,34 +40,6 @@ def launch(x, weight, eps=1e-6):
     x2 = x.reshape(-1, x.shape[-1]).contiguous()  # x2: [rows, hidden]
     y = torch.empty_like(x2)
     _rms[(x2.shape[0] // 2,)](x2, weight, y, x2.shape[1], eps, BLOCK=triton.next_power_of_2(x2.shape[1]))
-    return y.reshape(x.shape)
-'''
-# Whole blocks only: a row whose length is not a multiple of BLOCK loses its tail, in the sum and the output.
-DROPS_TAIL = '''
-import torch
-import triton
-import triton.language as tl
-
-
-@triton.jit
-def _rms(X, W, Y, n_cols, eps, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for off in range(0, n_cols - BLOCK + 1, BLOCK):
-        x = tl.load(X + row * n_cols + off + tl.arange(0, BLOCK)).to(tl.float32)
-        acc += x * x
-    rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / n_cols + eps)
-    for off in range(0, n_cols - BLOCK + 1, BLOCK):
-        cols = off + tl.arange(0, BLOCK)
-        x = tl.load(X + row * n_cols + cols).to(tl.float32)
-        w = tl.load(W + cols).to(tl.float32)
-        tl.store(Y + row * n_cols + cols, (x * rstd * w).to(Y.dtype.element_ty))
-
-
-def launch(x, weight, eps=1e-6):
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()  # x2: [rows, hidden]
-    y = torch.zeros_like(x2)
-    _rms[(x2.shape[0],)](x2, weight, y, x2.shape[1], eps, BLOCK=64)
     return y.reshape(x.shape)
 '''
 
@@ -142,7 +86,7 @@ def test_variant_that_skips_the_last_row_of_an_odd_row_count_fails(tmp_path):
 
 
 def test_variant_that_drops_the_column_tail_fails(tmp_path):
-    ok, message = _check(DROPS_TAIL, tmp_path)
+    ok, message = _check(BLOCK_MULTIPLES_ONLY, tmp_path)
     assert not ok
     assert "shape 3x1000" in message  # 1000 = 15 blocks of 64 + a tail of 40
 
@@ -202,16 +146,15 @@ def test_a_two_output_op_fails_when_it_returns_one_tensor(tmp_path):
 from benchmarker.check import HostCompute, TimedCheck  # noqa: E402
 from benchmarker.timing import time_pair  # noqa: E402
 
-CACHES_BY_ADDRESS = _edit(_edit(GOOD, "def launch(x, weight, eps=1e-6):\n", (
+CACHES_BY_ADDRESS = edit(edit(GOOD, "def launch(x, weight, eps=1e-6):\n", (
     "_CACHE = {}\n\n\ndef launch(x, weight, eps=1e-6):\n"
     "    if x.data_ptr() in _CACHE:\n"
     "        return _CACHE[x.data_ptr()]\n")), "    return y.reshape(x.shape)\n",
     "    _CACHE[x.data_ptr()] = y.reshape(x.shape)\n    return _CACHE[x.data_ptr()]\n")
-SQUARES_IN_FP16 = _edit(GOOD, "tl.sum(x * x, axis=0)", "tl.sum((x.to(tl.float16) * x.to(tl.float16)).to(tl.float32), axis=0)")
-TORCH_ON_HOST = _edit(GOOD, "    return y.reshape(x.shape)\n",
+TORCH_ON_HOST = edit(GOOD, "    return y.reshape(x.shape)\n",
                       "    xf = x.float()\n    return (xf * ((xf * xf).nanmean(-1, keepdim=True) + eps) ** -0.5 * weight).to(x.dtype)\n")
 # Returns its last answer from the third call in a row on the same x.
-SKIPS_REPEATS = _edit(_edit(GOOD, "def launch(x, weight, eps=1e-6):\n", (
+SKIPS_REPEATS = edit(edit(GOOD, "def launch(x, weight, eps=1e-6):\n", (
     "_LAST = {}\n\n\ndef launch(x, weight, eps=1e-6):\n"
     "    _LAST['n'] = _LAST['n'] + 1 if _LAST.get('x') is x else 0\n"
     "    _LAST['x'] = x\n"

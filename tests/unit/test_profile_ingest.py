@@ -1,5 +1,6 @@
-"""Profiler traces -> KernelStats: a real torch.profiler trace of the ops and of a small LLaMA-style
-block that calls none of them, aten ops and unfused patterns mapped to catalog ops with the shapes,
+"""Profiler traces -> KernelStats: a real torch.profiler trace of the ops, of a small LLaMA-style
+block that calls none of them and of tiny transformers Llama, Gemma and Phi-3 models, aten ops and
+unfused patterns (norms, SwiGLU, fused gate-up, rotary) mapped to catalog ops with the shapes,
 dtypes and counts the model ran, nested calls counted once, device time preferred where the trace
 has it, hot unmapped ops reported with their time, and junk skipped with a reason, never raised."""
 import copy
@@ -14,6 +15,7 @@ from observer.ingest import HOT_SHARE, ingest_profiler_trace, stats_from_profile
 from observer.opmap import catalog_op
 from observer.sdk import ops
 from support.profiled_model import FFN, HIDDEN, ROWS, profile_block
+from support.profiled_model import TOKENS as TOKENS_HF
 
 
 def _profile(tmp_path, work) -> dict:
@@ -224,3 +226,99 @@ def test_device_trace_shares_count_kernel_time_and_leave_host_only_ops_out():
     assert [(str(m.key), m.time_us, m.share) for m in result.mapped] == [
         ("nvidia-h100.matmul.bfloat16.n1024-k4096-m16", 60, 0.6), ("nvidia-h100.softmax.bfloat16.n1024-r16", 20, 0.2)]
     assert [(u.name, u.time_us, u.share, u.shape) for u in result.unmapped] == [("aten::gelu", 20, 0.2, [16, 1024])]
+
+
+# ---- tiny transformers models: rotary, Gemma's norm, Phi-3's fused gate-up --------------------------
+
+HF_STEPS = 2
+
+
+@pytest.fixture(scope="module")
+def hf_traces(tmp_path_factory) -> dict:
+    """name -> (config, trace, what ingest made of it) for a tiny Llama, Gemma and Phi-3."""
+    pytest.importorskip("transformers", reason="transformers is a dev dependency")
+    from support.profiled_model import profile_transformers, tiny_transformers
+
+    folder = tmp_path_factory.mktemp("hf")
+    found = {}
+    for name in ("Llama", "Gemma", "Phi3"):
+        model = tiny_transformers(name)
+        trace = profile_transformers(folder / f"{name}.json", model, HF_STEPS)
+        found[name] = model.config, trace, ingest_profiler_trace(trace, "cpu-interpreter", "h:1")
+    return found
+
+
+def _by_op(result, op: str) -> tuple[dict, list]:
+    """shape -> calls of the op, over every key, and the patterns it was read from."""
+    shapes = {}
+    for s in result.stats:
+        if s.key.op == op:
+            shapes.update({tuple(c.shape): c.calls for c in s.shapes})
+    return shapes, sorted({how for m in result.mapped if m.key.op == op for how in m.from_ops})
+
+
+@pytest.mark.parametrize("name", ["Llama", "Gemma", "Phi3"])
+def test_hf_attention_rotary_maps_to_rotary_for_q_and_k_per_layer(hf_traces, name):
+    """apply_rotary_pos_emb (q * cos + rotate_half(q) * sin) runs once on q, once on k a layer."""
+    config, trace, result = hf_traces[name]
+    tokens = TOKENS_HF[0] * TOKENS_HF[1]
+    calls = config.num_hidden_layers * HF_STEPS
+    shapes, how = _by_op(result, "rotary")
+    assert shapes == {(tokens, config.num_attention_heads, config.head_dim): calls,
+                      (tokens, config.num_key_value_heads, config.head_dim): calls}
+    assert how == ["rotary pattern (mul, neg, cat, mul, add)"]
+    # every rotate_half of the trace is inside one of them
+    negs = sum(1 for e in trace["traceEvents"] if e.get("name") == "aten::neg")
+    assert negs == sum(shapes.values())
+
+
+def test_gemma_norm_with_one_plus_weight_maps_to_rmsnorm(hf_traces):
+    config, _, result = hf_traces["Gemma"]
+    shapes, how = _by_op(result, "rmsnorm")
+    # two norms a layer and the final one, each on the [batch, seq, hidden] activations
+    assert shapes == {(*TOKENS_HF, config.hidden_size): (2 * config.num_hidden_layers + 1) * HF_STEPS}
+    assert how == ["Gemma RMSNorm pattern (pow, mean, rsqrt, mul, 1 + weight)"]
+    assert result.skipped == []
+
+
+def test_phi3_fused_gate_up_maps_to_silu_and_mul(hf_traces):
+    config, _, result = hf_traces["Phi3"]
+    shapes, how = _by_op(result, "silu_and_mul")
+    assert shapes == {(TOKENS_HF[0] * TOKENS_HF[1], 2 * config.intermediate_size): config.num_hidden_layers * HF_STEPS}
+    assert how == ["fused gate-up pattern (chunk, silu, mul)"]
+    assert "aten::chunk" not in {u.name for u in result.unmapped}
+
+
+@pytest.mark.parametrize("x, c, bucket", [
+    ([1, 8, 4, 128], [1, 1, 4, 128], "d128-h8-t16"),  # q: [batch, heads, seq, head_dim], unsqueeze_dim=1
+    ([2, 4, 8, 128], [2, 4, 1, 128], "d128-h8-t16"),  # [batch, seq, heads, head_dim], unsqueeze_dim=2
+    ([32, 8, 1, 64], [32, 1, 1, 64], "d64-h8-t256"),  # decode: one position per sequence
+])
+def test_rotary_pattern_time_is_the_device_time_of_all_its_ops(x, c, bucket):
+    bf16 = "c10::BFloat16"
+    h = x[:-1] + [x[-1] // 2]
+    events, ts = [], 0
+
+    def op(name, dims, kernel_us=None):
+        nonlocal ts
+        ext = len(events) + 1
+        args = {"External id": ext, "Input Dims": dims, "Input type": [bf16] * len(dims)}
+        events.append({"ph": "X", "cat": "cpu_op", "name": name, "pid": 1, "tid": 1, "ts": ts, "dur": 5, "args": args})
+        if kernel_us:
+            events.append({"ph": "X", "cat": "kernel", "name": "k", "pid": 0, "tid": 7, "ts": 1000 + ts,
+                           "dur": kernel_us, "args": {"External id": ext}})
+        ts += 10
+
+    op("aten::mul", [x, c], 3.0)
+    op("aten::slice", [x, [], [], [], []])  # views: no kernel
+    op("aten::slice", [x, [], [], [], []])
+    op("aten::neg", [h], 2.0)
+    op("aten::cat", [[h, h], []], 4.0)
+    op("aten::mul", [x, c], 3.0)
+    op("aten::add", [x, x, []], 5.0)
+    op("aten::mul", [x, c], 1.0)  # a lone mul by cos, no rotate_half after: not rotary
+    result = ingest_profiler_trace({"traceEvents": events}, "nvidia-h100", "h:1")
+    # mul 3 + neg 2 + cat 4 + mul 3 + add 5; the slices launch nothing and add nothing
+    assert [(str(m.key), m.calls, m.time_us) for m in result.mapped] == [
+        (f"nvidia-h100.rotary.bfloat16.{bucket}", 1, 17.0)]
+    assert [(u.name, u.calls, u.time_us) for u in result.unmapped] == [("aten::mul", 1, 1.0)]

@@ -150,13 +150,19 @@ class LlamaRMSNorm(torch.nn.Module):
 
 
 class GemmaRMSNorm(LlamaRMSNorm):
-    def forward(self, x):  # scales by (1 + weight): the same attributes, another function
+    def forward(self, x):  # scales by (1 + weight): the op with 1 + weight for its weight
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon) * (1 + self.weight)
+
+
+class MeanCenteredRMSNorm(LlamaRMSNorm):
+    def forward(self, x):  # subtracts the mean first: the same attributes, another function
+        x = x - x.mean(-1, keepdim=True)
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon) * self.weight
 
 
 def test_patch_routes_rmsnorm_modules_through_the_op_and_keeps_outputs(dispatcher):
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.RMSNorm(64, eps=1e-5),
-                                torch.nn.Sequential(LlamaRMSNorm(64)), GemmaRMSNorm(64))
+                                torch.nn.Sequential(LlamaRMSNorm(64)), GemmaRMSNorm(64), MeanCenteredRMSNorm(64))
     model.to(DEVICE)
     x = torch.randn(3, 64, device=DEVICE)
     with torch.no_grad():
@@ -165,10 +171,11 @@ def test_patch_routes_rmsnorm_modules_through_the_op_and_keeps_outputs(dispatche
         dispatcher.windows = WindowAggregator("cpu-interpreter", "h:1", start=0.0)
         got = model(x)
     (stats,) = dispatcher.windows.flush(1.0)
-    assert stats.calls == 2 and str(stats.key) == "cpu-interpreter.rmsnorm.float32.h64-r16"
+    assert stats.calls == 3 and str(stats.key) == "cpu-interpreter.rmsnorm.float32.h64-r16"
     assert type(model[1]).__name__ == "_PatchedRMSNorm" and type(model[2][0]).__name__ == "_PatchedRMSNorm"
-    assert isinstance(model[3], GemmaRMSNorm), "a look-alike that computes something else must stay"
-    assert set(model.state_dict()) == {"0.weight", "0.bias", "1.weight", "2.0.weight", "3.weight"}
+    assert type(model[3]).__name__ == "_PatchedRMSNorm" and model[3].offset == 1.0
+    assert isinstance(model[4], MeanCenteredRMSNorm), "a look-alike that computes something else must stay"
+    assert set(model.state_dict()) == {"0.weight", "0.bias", "1.weight", "2.0.weight", "3.weight", "4.weight"}
     assert torch.allclose(expected, got, atol=1e-4)
 
 
