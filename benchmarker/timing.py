@@ -1,5 +1,5 @@
 """Incumbent and candidate timed in one run, interleaved A B A B after a warm-up, on the same inputs;
-on CUDA by device events with L2 flushed (256 MB written) and a short device-side wait before
+on CUDA by device events with L2 flushed (256 MB read) and a short device-side wait before
 every call (so the host's launch path is not timed), elsewhere by wall clock around each call.
 Per shape: median and IQR of the reps. Weighted speedup =
 sum w*median(incumbent) / sum w*median(candidate) with the profile's weights normalised (the
@@ -13,7 +13,11 @@ from typing import Any, Callable, Protocol, Sequence
 import numpy as np
 import torch
 
-FLUSH_BYTES = 256 * 2**20  # larger than any current GPU's L2, so every rep starts cold
+# Larger than any current GPU's L2, so every rep starts cold. The flush reads: a written flush would
+# leave L2 full of dirty lines whose write-back the timed call pays (on an H100, 32 MB calls took
+# 19-30 % longer: docs/results/flush-*.json), a cost no serving step has after kernels that mostly
+# read weights.
+FLUSH_BYTES = 256 * 2**20
 # A device-side wait after the flush (~0.5 ms at H100 clocks): the host queues the call before the
 # device reaches the start event, so the events bracket device time, not the host's launch path
 # (which the dispatch measures apart). Without it a slow host makes small kernels time the host.
@@ -64,13 +68,13 @@ def time_interleaved(fns: Sequence[Callable], args: tuple, reps: int, warmup: in
 
 
 def _time_cuda(fns: Sequence[Callable], args: tuple, reps: int, guard: Guard) -> list[list[float]]:
-    flush = torch.empty(FLUSH_BYTES, dtype=torch.int8, device="cuda")
+    flush = torch.zeros(FLUSH_BYTES // 4, dtype=torch.float32, device="cuda")
     sleep = getattr(torch.cuda, "_sleep", None)
     events: list[list] = [[] for _ in fns]
     for _ in range(reps):
         for i, (fn, out) in enumerate(zip(fns, events)):
             guard.before(i)
-            flush.zero_()  # outside the events, after the guard's writes: every rep starts cold
+            flush.sum()  # outside the events, after the guard's writes: every rep starts cold
             if sleep is not None:
                 sleep(SLACK_CYCLES)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

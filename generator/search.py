@@ -1,7 +1,9 @@
 """Parameter search over an op's SPACE: which template points to benchmark next.
 
-Round 0 spreads its points over every dimension of the space; later rounds step one notch along
-one dimension from the best points so far, plus a little random exploration. Everything here is
+Round 0 starts with up to half its points from the op's SEEDS (points that won on real hardware
+before, where the op lists any and its prune keeps them for this profile), then spreads the rest
+over every dimension of the space; later rounds step one notch along one dimension from the best
+points so far, plus a little random exploration. Everything here is
 pure and seeded by the campaign id, so a redelivered hypothesis or refine yields the same
 variants with the same event ids, and JetStream drops the second copy.
 """
@@ -63,7 +65,10 @@ class ParameterSearch:
     def propose(self, request: Request) -> Iterator[Candidate]:
         space = _Space(request)
         if request.round == 0:
-            for point in space.spread(space.pool()):
+            seeds = space.seeds()[:max(1, request.n // 2)]
+            for point in seeds:
+                yield space.candidate(point, "grid", [])
+            for point in space.spread([p for p in space.pool() if p not in seeds]):
                 yield space.candidate(point, "grid", [])
             return
         local = space.neighbours()
@@ -200,6 +205,11 @@ class _Space:
             points.sort()
         rng.shuffle(points)
         return [p for p in points if self.allowed(p)]
+
+    def seeds(self) -> list[Point]:
+        """The op's SEEDS that are points of its SPACE and allowed here, in the op's order."""
+        points = [self.point_of(p) for p in getattr(self.op, "SEEDS", [])]
+        return list(dict.fromkeys(p for p in points if p is not None and self.allowed(p)))
 
     def spread(self, pool: list[Point]) -> Iterator[Point]:
         """Greedy coverage: each next point uses the values seen least so far in every dimension,

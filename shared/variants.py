@@ -13,7 +13,10 @@ from types import ModuleType
 from typing import Any, Callable, NamedTuple
 
 ALLOWED_IMPORTS = {"torch", "triton", "triton.language", "triton.language.extra", "triton.language.extra.libdevice",
-                   "math", "typing", "functools"}
+                   "math", "typing", "functools", "triton.tools.tensor_descriptor"}
+# Exceptions to BANNED_ATTRIBUTES: a host-side TMA descriptor is a plain record of a tensor's
+# address, shape and strides; the rest of triton.tools (compile, link, disasm) stays out.
+ALLOWED_ATTRIBUTES = ("triton.tools.tensor_descriptor.TensorDescriptor",)
 BANNED_NAMES = {"eval", "exec", "compile", "open", "__import__", "globals", "locals", "vars",
                 "getattr", "setattr", "delattr", "breakpoint", "input", "memoryview", "__builtins__"}
 # Module attributes that reach files, processes, the network, native code or the compiler's insides.
@@ -123,6 +126,8 @@ def _dotted(node: ast.AST, aliases: dict[str, str]) -> str | None:
 def _banned_attribute(dotted: str) -> bool:
     if any(part.startswith("_") for part in dotted.split(".")):
         return True  # torch._C, triton._utils...: private insides
+    if dotted in ALLOWED_ATTRIBUTES:
+        return False
     return any(dotted == b or dotted.startswith(b + ".") for b in BANNED_ATTRIBUTES)
 
 

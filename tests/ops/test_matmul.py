@@ -12,12 +12,14 @@ from shared.ops import torch_dtype
 # op.reference: (x.float() @ w.float().T).to(x.dtype), fp32 accumulation.
 
 # Small blocks keep the interpreter quick; each value of each dimension once on top of them.
-BASE = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 1, "GROUP_M": 8, "num_warps": 4, "num_stages": 2}
+BASE = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 1, "GROUP_M": 8, "TMA": 0, "num_warps": 4,
+        "num_stages": 2}
 POINTS = [dict(BASE, **{name: value}) for name, values in op.SPACE.items() for value in values
           if value != BASE[name] and not (name in ("num_warps", "num_stages") and hardware.interpreted())]
 POINTS += [BASE, op.DEFAULT]
-# [M, N, K]: nothing divides a block; K = 600 lets SPLIT_K up to 16 run with 32-wide K steps
-SHAPES = [[3, 37, 53], [1, 19, 600], [17, 33, 100]]
+# [M, N, K]: nothing divides a block; K = 600 lets SPLIT_K up to 16 run with 32-wide K steps; the last
+# has 16-byte aligned rows, so TMA = 1 takes its descriptor kernel there (the others fall back)
+SHAPES = [[3, 37, 53], [1, 19, 600], [17, 33, 100], [37, 40, 136]]
 
 
 def _launcher(params, tmp_path_factory):
@@ -62,9 +64,32 @@ def test_op_shape_of_a_batched_call_is_m_n_k():
 def test_prune_keeps_gemv_tiles_for_decode_and_drops_tall_tiles():
     from types import SimpleNamespace as S
     decode = [S(shape=[1, 4096, 4096], weight=1.0)]
+    prefill = [S(shape=[4096, 4096, 4096], weight=1.0)]
     assert not op.prune(dict(BASE, BLOCK_K=128, SPLIT_K=4), decode)
     assert op.prune(dict(BASE, BLOCK_M=128), decode)
-    assert op.prune(dict(BASE, BLOCK_M=128, BLOCK_N=256, BLOCK_K=256, num_stages=5), [S(shape=[4096, 4096, 4096], weight=1.0)])
+    assert op.prune(dict(BASE, BLOCK_M=128, BLOCK_N=256, BLOCK_K=256, num_stages=5), prefill)
+    gemv = dict(BASE, BLOCK_M=1, BLOCK_N=8, BLOCK_K=512)
+    assert not op.prune(gemv, decode)
+    assert op.prune(gemv, [S(shape=[4, 4096, 4096], weight=1.0)])  # GEMV re-reads w per row
+    assert op.prune(dict(gemv, SPLIT_K=2), decode) and op.prune(dict(gemv, TMA=1), decode)
+    tma = dict(BASE, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, TMA=1, num_warps=8, num_stages=3)
+    assert not op.prune(tma, prefill)
+    assert op.prune(dict(tma, num_stages=4), prefill)  # 4 stages and the output tile exceed shared memory
+    assert op.prune(dict(tma, SPLIT_K=2), prefill)
+
+
+@pytest.mark.parametrize("params", [dict(BASE, BLOCK_M=1, BLOCK_N=4, BLOCK_K=64),
+                                    dict(BASE, BLOCK_M=32, BLOCK_N=32, TMA=1, GROUP_M=1)],
+                         ids=["gemv", "tma"])
+@pytest.mark.parametrize("dtype", op.DTYPES)
+def test_gemv_and_tma_kernels_on_edges_of_every_block(params, dtype, tmp_path_factory):
+    """Rows past M, columns past N and K past the last step in one call: the GEMV's masks and the
+    descriptors' zero fill and clipped stores (shapes aligned for TMA, multiples of no block)."""
+    launch = _launcher(params, tmp_path_factory)
+    for seed, shape in enumerate([[1, 40, 200], [33, 72, 136]]):
+        x, w = op.make_inputs(shape, torch_dtype(dtype), hardware.device(), seed=seed)
+        y = launch(x, w)
+        assert _rel_err(y, op.reference(x, w)) < op.TOLERANCE[dtype], (params, shape, dtype)
 
 
 @pytest.mark.parametrize("shape, bucket", [([1, 4096, 4096], "n4096-k4096-m1"), ([16, 28672, 4096], "n28672-k4096-m16"),

@@ -109,6 +109,19 @@ def test_op_prune_hook_removes_points_in_every_round():
     assert propose_round(op, c, 1, 8, {v.variant_id for v in round0}, [scored(edge)]) == []
 
 
+def test_round_zero_starts_with_the_seeds_the_prune_keeps_then_spreads():
+    first, second, pruned = ({"BLOCK": 2048, "ROWS": 4, "num_warps": 8}, {"BLOCK": 8192, "ROWS": 1, "num_warps": 16},
+                             {"BLOCK": 1024, "ROWS": 2, "num_warps": 4})
+    op = SimpleNamespace(SPACE=OP.SPACE, DEFAULT=OP.DEFAULT, TEMPLATE=OP.TEMPLATE, SEEDS=[first, pruned, second],
+                         prune=lambda params, profile: params == pruned)
+    ready = propose_round(op, campaign(), 0, 8, set(), [])
+    assert [v.params for v in ready[:2]] == [first, second]
+    assert all(v.params != pruned for v in ready) and len(ready) == 8
+    # at most half a round comes from the seeds: coverage still gets the rest
+    assert [v.params for v in propose_round(op, campaign(), 0, 2, set(), [])][:1] == [first]
+    assert propose_round(op, campaign(), 0, 2, set(), [])[1].params != second
+
+
 def test_sources_failing_static_checks_are_dropped_and_replaced(caplog):
     # "_PAD-1 = 0" is a syntax error: every SHIFT=-1 point must be refused before it leaves
     space = {**OP.SPACE, "SHIFT": [0, -1]}

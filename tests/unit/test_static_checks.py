@@ -88,3 +88,18 @@ def test_a_launcher_that_spins_passes_so_the_benchmarkers_deadline_judges_it():
     # undecidable statically; the worker's timeout ends it with status "timeout"
     source = answers.SPINS.strip().strip("`").removeprefix("python\n")
     assert static_problems(source) == []
+
+
+@pytest.mark.parametrize("extra, body, refused", [
+    ("from triton.tools.tensor_descriptor import TensorDescriptor", "    TensorDescriptor(x, [1], [1], [16])\n", None),
+    ("import triton.tools.tensor_descriptor as td", "    td.TensorDescriptor(x, [1], [1], [16])\n", None),
+    ("from triton.tools import compile", "", "triton.tools"),
+    ("import triton.tools.compile", "", "triton.tools.compile"),
+    ("", "    triton.tools.disasm.get_sass(b'')\n", "triton.tools.disasm"),
+])
+def test_only_the_tma_descriptor_of_triton_tools_is_allowed(extra, body, refused):
+    problems = static_problems(with_launch_body(body + CALLS_KERNEL + "    return y", extra=extra))
+    if refused is None:
+        assert problems == []
+    else:
+        assert any(refused in p for p in problems), problems
