@@ -162,13 +162,21 @@ def cmd_up(args, settings: Settings) -> int:
 
     if args.demo:
         from observer.demo import run_demo_loop
+        from observer.llama_demo import choose_workload, run_llama_demo_loop
+        from shared import hardware
 
         signal.signal(signal.SIGTERM, _interrupt)  # stop the services as Ctrl-C would
+        nats_url = None if args.embedded else _given_url()
         try:
-            return run_demo_loop(settings, nats_url=None if args.embedded else _given_url(), phase_s=args.phase_s,
-                                 shapes=args.shapes, dtype=args.dtype, deadline_s=args.deadline_s)
+            if choose_workload(args.workload, hardware.device()) == "llama":
+                return run_llama_demo_loop(settings, nats_url, model=args.model, preset=args.preset, dtype=args.dtype,
+                                           phase_s=args.phase_s, deadline_s=args.deadline_s)
+            return run_demo_loop(settings, nats_url=nats_url, phase_s=_or(args.phase_s, 45.0), shapes=args.shapes,
+                                 dtype=args.dtype or "float16", deadline_s=_or(args.deadline_s, 480.0))
         except KeyboardInterrupt:
             return 130
+        except ModuleNotFoundError as e:  # --model hf without transformers installed
+            return console.fail(str(e), 1)
     loop = supervisor.start(settings.state_dir, nats_url=_given_url())
     if not args.json:
         console.progress("starting NATS and the five services")
@@ -197,6 +205,10 @@ def cmd_up(args, settings: Settings) -> int:
     print("kernelloop up: stopping", file=sys.stderr if args.json else sys.stdout)
     loop.stop()
     return 0
+
+
+def _or(value, default):
+    return default if value is None else value
 
 
 def _interrupt(*_) -> None:
@@ -228,11 +240,23 @@ def build_parser() -> argparse.ArgumentParser:
     up = command("up", "start NATS (unless NATS_URL is set) and the five services")
     up.add_argument("--demo", action="store_true", help="also run the demo workload, and stop when it ends")
     up.add_argument("--embedded", action="store_true", help="with --demo: ignore NATS_URL, use a fresh embedded server")
-    up.add_argument("--phase-s", type=float, default=45.0, help="with --demo: seconds of the first usage phase")
-    up.add_argument("--deadline-s", type=float, default=480.0, help="with --demo: longest wait for the second deploy")
+    up.add_argument("--workload", default="auto", choices=["auto", "rmsnorm", "llama"],
+                    help="with --demo: rmsnorm on one shape then another, or a Llama-style decoder stack whose "
+                         "traffic shifts (decode b1, decode b32, prefill 2k); auto: llama where CUDA is, else rmsnorm")
+    up.add_argument("--model", default="kernelloop", choices=["kernelloop", "hf"],
+                    help="with --workload llama: observer/llama.py on kernelloop.ops, or transformers' "
+                         "LlamaForCausalLM (random weights) with kernelloop.patch (norms, SwiGLU, rotary)")
+    up.add_argument("--preset", default=None, choices=["8b", "70b", "tiny"],
+                    help="with --workload llama: the stack's dims (default 8b on CUDA, tiny otherwise)")
+    up.add_argument("--phase-s", type=float, default=None,
+                    help="with --demo: seconds of the first usage phase (rmsnorm, 45) or of each phase (llama, 90)")
+    up.add_argument("--deadline-s", type=float, default=None,
+                    help="with --demo: longest wait for the second deploy (rmsnorm, 480), or longest the traffic "
+                         "runs from its first phase (llama, 300)")
     up.add_argument("--shapes", type=_shape, nargs=2, default=[[8, 2048], [16, 4096]], metavar="ROWSxHIDDEN",
-                    help="with --demo: the shape before and after the shift")
-    up.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"], help="with --demo")
+                    help="with --workload rmsnorm: the shape before and after the shift")
+    up.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                    help="with --demo (rmsnorm: float16, llama: bfloat16)")
 
     command("status", "deployed kernels per hardware, and campaigns in flight with their stage")
     tail = command("tail", "follow events live, one readable line each",

@@ -19,17 +19,17 @@ OP = "rmsnorm"
 SHAPES = ([8, 2048], [16, 4096])  # decode-sized rows, then a wider model with more rows
 
 
-def _per_call_us(windows: list[KernelStats]) -> float | None:
+def per_call_us(windows: list[KernelStats]) -> float | None:
     calls = sum(w.sampled_calls for w in windows)
     return sum(w.sampled_time_us for w in windows) / calls if calls else None
 
 
-def _duration(us: float) -> str:
+def duration(us: float) -> str:
     return f"{us:7.1f} us" if us < 1e3 else f"{us / 1e3:7.1f} ms"
 
 
 def _describe(stats: KernelStats, interpreter: bool) -> str:
-    per_call = f"{_duration(stats.time_us_per_call)}/call" if stats.time_us_per_call else "    (no sample)"
+    per_call = f"{duration(stats.time_us_per_call)}/call" if stats.time_us_per_call else "    (no sample)"
     where = " (interpreter)" if interpreter else ""
     return (f"window {stats.window_start:%H:%M:%S}  {stats.key.bucket:<12} {stats.calls:4d} calls  "
             f"{per_call}{where}  served by {stats.variant_id or 'fallback'}")
@@ -42,8 +42,8 @@ def summarise(windows: list[KernelStats], deploys: list[DeployRecord], keys: lis
     for key in keys:
         mine = [w for w in windows if str(w.key) == key]
         deploy = next((d for d in reversed(deploys) if d.key == key), None)
-        before = _per_call_us([w for w in mine if w.variant_id is None])
-        after = _per_call_us([w for w in mine if deploy and w.variant_id == deploy.variant_id])
+        before = per_call_us([w for w in mine if w.variant_id is None])
+        after = per_call_us([w for w in mine if deploy and w.variant_id == deploy.variant_id])
         rows.append({
             "key": key,
             "calls": sum(w.calls for w in mine),
@@ -134,20 +134,64 @@ DEMO_ENV = {"KERNELLOOP_WINDOW_S": "2", "KERNELLOOP_CONFIRM_WINDOWS": "2", "KERN
 
 def run_demo_loop(settings: Settings, nats_url: str | None = None, phase_s: float = 45.0, shapes=SHAPES,
                   dtype: str = "float16", deadline_s: float = 480.0, echo=print) -> int:
-    """`kernelloop up --demo`: NATS (embedded and empty unless nats_url is given), the five services
-    as processes, and the demo workload in this process; writes <state>/demo-summary.json."""
+    """`kernelloop up --demo` on the rmsnorm workload: NATS (embedded and empty unless nats_url is
+    given), the five services as processes, and the demo workload in this process; writes
+    <state>/demo-summary.json."""
+    # One call in four timed: interpreted calls are slow, so windows hold few calls.
+    summary, spans = run_in_loop(settings, nats_url, DEMO_ENV, echo, sample_every=4,
+                                 work=lambda runtime, echo: run_demo(runtime, phase_s, shapes, dtype, deadline_s,
+                                                                     echo=echo))
+    fp = hardware.fingerprint()
+    result = {"device": fp.name, "interpreter": fp.interpreter, "fallback": fallback_name(fp.interpreter),
+              "deploys": traced_deploys(summary["keys"], spans), "keys": summary["keys"]}
+    echo("")
+    echo(format_summary(summary))
+    return report(settings, result, echo)
+
+
+def fallback_name(interpreter: bool) -> str:
+    return ("baseline Triton kernel (template default config) in the interpreter" if interpreter
+            else "torch reference")
+
+
+def traced_deploys(rows: list[dict], spans: list[dict]) -> list[dict]:
+    """The rows with a deploy, each with the services its campaign's trace holds spans of."""
+    from shared import traces
+
+    return [{**row, "trace_services": traces.services_in(spans, row["trace_id"]) if row["trace_id"] else []}
+            for row in rows if row["variant_id"]]
+
+
+def report(settings: Settings, result: dict, echo=print) -> int:
+    """Writes <state>/demo-summary.json and prints its closing lines; 0 when anything was deployed."""
     import json
+
+    path = settings.state_dir.resolve() / "demo-summary.json"
+    path.write_text(json.dumps(result, indent=2, default=str))
+    echo(f"\ncompared with: {result['fallback']}; device: {result['device']}")
+    for d in result["deploys"]:
+        echo(f"trace {d['trace_id']} ({d['key']}): services {', '.join(d['trace_services'])}"
+             f"  -> kernelloop trace {d['campaign_id']}")
+    echo(f"summary written to {path}")
+    return 0 if result["deploys"] else 1
+
+
+def run_in_loop(settings: Settings, nats_url: str | None, demo_env: dict[str, str], echo, work,
+                sample_every: int = 4) -> tuple[dict, list[dict]]:
+    """Start NATS and the five services with demo_env (anything already set in the environment
+    wins), observe this process, run work(runtime, echo), stop everything; returns work's summary
+    and the spans of every trace. echo raises once a service has died."""
     import os
     import shutil
 
-    from shared import supervisor, traces
+    from shared import supervisor
     from shared.telemetry import read_spans
 
     state_dir = settings.state_dir.resolve()
     if nats_url is None:
         shutil.rmtree(state_dir / "nats", ignore_errors=True)  # a demo starts from an empty registry
-    env = {k: os.environ.get(k, v) for k, v in DEMO_ENV.items()}
-    window_s = float(env["KERNELLOOP_WINDOW_S"])
+    env = {k: os.environ.get(k, v) for k, v in demo_env.items()}
+    window_s = float(env.get("KERNELLOOP_WINDOW_S", settings.window_s))
     loop = supervisor.start(state_dir, nats_url=nats_url, env=env)
     try:
         loop.wait_ready()
@@ -163,33 +207,17 @@ def run_demo_loop(settings: Settings, nats_url: str | None = None, phase_s: floa
 
     # The observer SDK in this workload is the observer's part of each campaign's trace (the swap).
     provider = setup_tracing("observer", settings.traces_dir, settings.otel_exporter_otlp_endpoint)
-    # One call in four timed: interpreted calls are slow, so windows hold few calls. The workload
-    # connects as its own user: it may publish kernel.stats and read the registry, no more.
-    runtime = observe(nats_url=loop.url_for("workload"), window_s=window_s, sample_every=4, state_dir=state_dir)
+    # The workload connects as its own user: it may publish kernel.stats and read the registry, no more.
+    runtime = observe(nats_url=loop.url_for("workload"), window_s=window_s, sample_every=sample_every,
+                      state_dir=state_dir)
     try:
-        summary = run_demo(runtime, phase_s, shapes, dtype, deadline_s, echo=watched)
+        summary = work(runtime, watched)
     finally:
         runtime.close()
         provider.force_flush()
         time.sleep(1.0)  # the services export spans every 0.5 s
         loop.stop()
-    spans = read_spans(settings.traces_dir)
-    deploys = [{**row, "trace_services": traces.services_in(spans, row["trace_id"]) if row["trace_id"] else []}
-               for row in summary["keys"] if row["variant_id"]]
-    fp = hardware.fingerprint()
-    result = {"device": fp.name, "interpreter": fp.interpreter,
-              "fallback": ("baseline Triton kernel (template default config) in the interpreter"
-                           if fp.interpreter else "torch reference"),
-              "deploys": deploys, "keys": summary["keys"]}
-    (state_dir / "demo-summary.json").write_text(json.dumps(result, indent=2, default=str))
-    echo("")
-    echo(format_summary(summary))
-    echo(f"\ncompared with: {result['fallback']}; device: {fp.name}")
-    for d in deploys:
-        echo(f"trace {d['trace_id']} ({d['key']}): services {', '.join(d['trace_services'])}"
-             f"  -> kernelloop trace {d['campaign_id']}")
-    echo(f"summary written to {state_dir / 'demo-summary.json'}")
-    return 0 if deploys else 1
+    return summary, read_spans(settings.traces_dir)
 
 
 def _shape(text: str) -> list[int]:

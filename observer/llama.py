@@ -132,13 +132,19 @@ class Phase:
 TRAFFIC = (Phase("decode b1", 1, 1, 1024), Phase("decode b32", 32, 1, 1024), Phase("prefill 2k", 1, 2048, 0))
 
 
+def fit(phase: Phase, config: LlamaConfig) -> Phase:
+    """The phase within the model's context: a decode moves its position back, a prefill longer
+    than the context is cut to it (the tiny preset's 256 positions)."""
+    seq = min(phase.seq, config.max_context)
+    return replace(phase, seq=seq, start_pos=max(0, min(phase.start_pos, config.max_context - seq)))
+
+
 def traffic(model: Llama, phases=TRAFFIC, steps_per_phase: int = 100, seed: int = 0) -> Iterator[tuple[Phase, torch.Tensor]]:
     """The demo's workload: each phase's steps in turn, yielding (phase, logits) after each step."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     for phase in phases:
         config = model.config
-        if phase.start_pos + phase.seq > config.max_context:
-            phase = replace(phase, start_pos=config.max_context - phase.seq)
+        phase = fit(phase, config)
         for _ in range(steps_per_phase):
             tokens = torch.randint(0, config.vocab, (phase.batch, phase.seq), generator=g).to(model.embed.device)
             with torch.no_grad():

@@ -1,0 +1,271 @@
+"""The demo on a Llama-style decoder stack: random weights, every norm, projection, rotary and SwiGLU
+through kernelloop's ops (observer/llama.py), or transformers' LlamaForCausalLM patched by
+kernelloop.patch (observer/hf_llama.py), serving traffic that shifts from decode at batch 1 to
+decode at batch 32 to prefills of 2k tokens. It reports, per kernel key, the time from the key's
+first traffic (its phase's start) to its deployed variant serving here; the target is 120 s."""
+import queue
+import time
+from datetime import datetime, timezone
+
+import torch
+
+from observer.demo import duration, fallback_name, per_call_us, report, run_in_loop, traced_deploys
+from observer.hotswap import DeployRecord
+from observer.llama import PRESETS, TRAFFIC, Llama, fit
+from observer.runtime import Runtime
+from shared import hardware
+from shared.ops import torch_dtype
+from shared.schemas import KernelStats
+from shared.settings import Settings
+
+WORKLOADS = ("rmsnorm", "llama")
+MODELS = ("kernelloop", "hf")
+TARGET_S = 120.0  # from a key's first traffic to its validated deploy serving it
+
+# Ops whose kernels beat torch on a GPU by several times (docs/results/ops-*.md): the demo waits for
+# their keys' deploys. Matmuls gain 0-16 % over cuBLAS at best, so most of their campaigns do not
+# start (see LLAMA_ENV) and none is waited for.
+EXPECTED_OPS = ("rmsnorm", "rmsnorm_residual", "rotary", "silu_and_mul")
+
+# The loop's pace for the Llama demo. Each phase brings about ten keys (five row-wise, five matmul
+# shapes incl. lm_head), and one benchmarker serves their campaigns one variant at a time, so:
+# - KERNELLOOP_MIN_EXPECTED_GAIN 0.15: the hypothesis stage starts a campaign only when the key's
+#   time share of its op times its roofline headroom reaches 15 %. Estimated from the H100 figures
+#   in docs/results/ops-*.md and e2e-*.md: a row-wise key is the whole of its op's time in a phase,
+#   far from its roofline (gain 0.2-1.0; the lowest is rotary's 8-head key in prefill, a quarter of
+#   rotary's time there); a matmul shape holds a tenth to a half of matmul's time at 55-90 % of the
+#   roofline (gain 0.01-0.13), a campaign that would hold the benchmarker a minute and deploy
+#   nothing (cuBLAS wins). The threshold keeps the one benchmarker's queue to the campaigns that pay.
+# - 4 variants a round, 2 rounds: a variant takes the benchmarker 2-4 s on an H100 (compile, check,
+#   time), so a campaign takes ~8-15 s and a phase's five finish ~40-80 s after its shift. Round 0
+#   spreads its points over the op's space, and almost any of them beats eager torch by 2-6x on
+#   these ops (docs/results/demo-*.md), so it deploys; round 1 is there for the round that does not.
+# - 2 s windows and 2 confirming windows: a shift is detected in about 6 s.
+# - 20 timing repetitions: timing is ~15 ms of a variant's 2 s on a GPU; more repetitions narrow
+#   the confidence interval the gate reads.
+LLAMA_ENV = {"KERNELLOOP_WINDOW_S": "2", "KERNELLOOP_CONFIRM_WINDOWS": "2", "KERNELLOOP_BENCH_REPS": "20",
+             "KERNELLOOP_VARIANTS_PER_ROUND": "4", "KERNELLOOP_ROUNDS": "2", "KERNELLOOP_MIN_EXPECTED_GAIN": "0.15"}
+
+# Three phases of 90 s: a phase's campaigns finish inside it, and the workload stops at 300 s
+# (~5.5 min with the services' start and stop on an H100).
+PHASE_S, DEADLINE_S = 90.0, 300.0
+# A paced server (20 steps/s): a prefill of 2k keeps the GPU ~15 % busy, so the benchmarker,
+# which shares the GPU, times variants on a mostly idle device.
+STEP_INTERVAL_S = 0.05
+
+
+def choose_workload(requested: str, device: str) -> str:
+    """`--workload auto` is the Llama stack where CUDA is, the rmsnorm demo elsewhere (the
+    interpreter runs a decoder stack far too slowly for a demo)."""
+    if requested == "auto":
+        return "llama" if device == "cuda" else "rmsnorm"
+    if requested not in WORKLOADS:
+        raise ValueError(f"workload {requested!r} is not one of auto, {', '.join(WORKLOADS)}")
+    return requested
+
+
+def build_model(model: str, preset: str, device: str, dtype: str):
+    """The stack serving the demo: observer/llama.py on kernelloop.ops, or transformers' patched."""
+    from observer.sdk import ops
+
+    config = PRESETS[preset]
+    if model == "hf":
+        from observer.hf_llama import HfLlama
+
+        return HfLlama(config, device=device, dtype=torch_dtype(dtype))
+    if model != "kernelloop":
+        raise ValueError(f"model {model!r} is not one of {', '.join(MODELS)}")
+    return Llama(config, ops=ops, device=device, dtype=torch_dtype(dtype))
+
+
+def first_phase(window: KernelStats, phase_starts: list[tuple[str, float]]) -> int:
+    """Index of the phase a window's calls were made in: the last phase started before the window
+    closed (a key's first window closes in the phase that brought it, unless a phase is shorter
+    than a window)."""
+    closed = window.window_start.timestamp() + window.window_s
+    index = 0
+    for i, (_, started) in enumerate(phase_starts):
+        if started <= closed:
+            index = i
+    return index
+
+
+def summarise(windows: list[KernelStats], deploys: list[DeployRecord], phase_starts: list[tuple[str, float]],
+              interpreter: bool, target_s: float = TARGET_S) -> dict:
+    """Per key that had calls, in order of first traffic: its phase, calls, time per call served by
+    the fallback and by the (last) deployed variant, and the seconds from its phase's start to its
+    first deploy here. A deploy older than the key's traffic (a registry kept from an earlier run)
+    has no such time."""
+    first: dict[str, KernelStats] = {}
+    for w in sorted(windows, key=lambda w: w.window_start):
+        if w.calls:
+            first.setdefault(str(w.key), w)
+    rows = []
+    for key, window in first.items():
+        mine = [w for w in windows if str(w.key) == key]
+        phase = first_phase(window, phase_starts) if phase_starts else None
+        mine_deploys = [d for d in deploys if d.key == key]
+        deploy = mine_deploys[-1] if mine_deploys else None
+        before = per_call_us([w for w in mine if w.variant_id is None])
+        after = per_call_us([w for w in mine if deploy and w.variant_id == deploy.variant_id])
+        traffic_at = phase_starts[phase][1] if phase is not None else None
+        to_deploy = None
+        if mine_deploys and traffic_at is not None and mine_deploys[0].time.timestamp() >= traffic_at:
+            to_deploy = mine_deploys[0].time.timestamp() - traffic_at
+        rows.append({
+            "key": key,
+            "op": window.key.op,
+            "phase": phase_starts[phase][0] if phase is not None else None,
+            "calls": sum(w.calls for w in mine),
+            "before_us_per_call": before,
+            "after_us_per_call": after,
+            "measured_speedup": before / after if before and after else None,
+            "variant_id": deploy.variant_id if deploy else None,
+            "speedup": deploy.speedup if deploy else None,
+            "campaign_id": deploy.campaign_id if deploy else None,
+            "trace_id": deploy.trace_id if deploy else None,
+            "first_traffic": datetime.fromtimestamp(traffic_at, timezone.utc).isoformat() if traffic_at else None,
+            "served_at": mine_deploys[0].time.isoformat() if mine_deploys else None,
+            "traffic_to_served_s": to_deploy,
+            "within_target": to_deploy <= target_s if to_deploy is not None else None,
+        })
+    return {"workload": "llama", "interpreter": interpreter, "target_s": target_s, "keys": rows}
+
+
+def format_summary(summary: dict) -> str:
+    """A markdown table of summarise()'s result, and how many deploys met the target."""
+    def us(v: float | None) -> str:
+        return f"{v:,.0f}" if v is not None else "-"
+
+    def x(v: float | None) -> str:
+        return f"{v:.2f}x" if v is not None else "-"
+
+    lines = ["| key | phase | calls | before us/call (fallback) | after us/call | variant | speedup (benchmark) "
+             "| speedup (served) | traffic to served |", "|---|---|---:|---:|---:|---|---:|---:|---:|"]
+    for r in summary["keys"]:
+        took = f"{r['traffic_to_served_s']:.1f} s" if r["traffic_to_served_s"] is not None else "-"
+        lines.append(f"| {r['key']} | {r['phase'] or '-'} | {r['calls']} | {us(r['before_us_per_call'])} "
+                     f"| {us(r['after_us_per_call'])} | {r['variant_id'] or 'none deployed'} | {x(r['speedup'])} "
+                     f"| {x(r['measured_speedup'])} | {took} |")
+    timed = [r for r in summary["keys"] if r["traffic_to_served_s"] is not None]
+    met = sum(1 for r in timed if r["within_target"])
+    lines.append(f"\n{len(timed)} key(s) deployed and served; {met} within {summary['target_s']:.0f} s of their "
+                 "first traffic (their phase's start).")
+    if summary["interpreter"]:
+        lines.append("Times measure the Triton interpreter on the CPU, not a GPU: they show the loop "
+                     "working, not GPU kernel speed.")
+    else:
+        lines.append("Per-call times are the SDK's sampled device-event times in a paced server: they include "
+                     "launch latency where the GPU waits on the host, so they are not kernel times.")
+    return "\n".join(lines)
+
+
+def _sync(logits: torch.Tensor) -> None:
+    if logits.is_cuda:
+        torch.cuda.synchronize()  # a server reads each step's logits before the next step
+
+
+def run_llama_demo(runtime: Runtime, model, phases=TRAFFIC, phase_s: float = PHASE_S,
+                   deadline_s: float = DEADLINE_S, step_interval_s: float = STEP_INTERVAL_S,
+                   wait_ops=EXPECTED_OPS, echo=print) -> dict:
+    """Each phase's steps for phase_s; the last goes on until every key of wait_ops seen has a deploy
+    here and the last phase's have served a window, or until deadline_s after the first phase's
+    start. Returns summarise()'s dict."""
+    interpreter = hardware.interpreted()
+    windows: list[KernelStats] = []
+    arrived: queue.Queue = queue.Queue()
+    runtime.window_listeners.append(arrived.put)
+    phase_starts: list[tuple[str, float]] = []
+    device = model.embed.device if isinstance(model, Llama) else model.device
+    g = torch.Generator().manual_seed(0)
+
+    firsts: dict[str, KernelStats] = {}  # key -> its first window with calls
+    served: dict[str, str] = {}  # key -> the deployed variant its windows last named
+
+    def drain() -> None:
+        """One line per window (many keys each), and a line for each new key and each swap."""
+        while not arrived.empty():
+            batch = arrived.get_nowait()
+            for stats in batch:
+                key, name = str(stats.key), f"{stats.key.op}.{stats.key.dtype}.{stats.key.bucket}"
+                windows.append(stats)
+                if stats.calls and key not in firsts:
+                    firsts[key] = stats
+                    echo(f"  new key {name} ({phase_starts[-1][0] if phase_starts else 'before phase 1'})")
+                if stats.variant_id and served.get(key) != stats.variant_id:
+                    served[key] = stats.variant_id
+                    before = per_call_us([w for w in windows if w.key == stats.key and w.variant_id is None])
+                    now = stats.time_us_per_call
+                    echo(f"  {name} now served by {stats.variant_id}: "
+                         f"{duration(now).strip() + '/call' if now else '(no sample yet)'}, fallback "
+                         f"{duration(before).strip() + '/call' if before else '-'}")
+            if batch:
+                on_variants = sum(1 for s in batch if s.variant_id)
+                echo(f"window {batch[0].window_start:%H:%M:%S}  {len(batch)} keys, "
+                     f"{sum(s.calls for s in batch):,} calls; {on_variants} served by deployed variants, "
+                     f"{len(batch) - on_variants} by the fallback")
+
+    def waiting_for() -> list[str]:
+        """Keys of wait_ops still without a deploy here (the last phase's: without a served window)."""
+        deployed = {d.key: d.variant_id for d in runtime.deploys}
+        last = len(phase_starts) - 1
+        return [key for key, w in firsts.items() if w.key.op in wait_ops and (
+            key not in deployed or (first_phase(w, phase_starts) == last and served.get(key) != deployed[key]))]
+
+    started = time.monotonic()
+    try:
+        for i, phase in enumerate(phases):
+            last = i == len(phases) - 1
+            phase = fit(phase, model.config)
+            tokens = torch.randint(0, model.config.vocab, (phase.batch, phase.seq), generator=g).to(device)
+            phase_starts.append((phase.name, time.time()))
+            echo(f"phase {i + 1}: {phase.name} (batch {phase.batch}, {phase.seq} token(s) at position "
+                 f"{phase.start_pos})")
+            until = time.monotonic() + phase_s
+            while time.monotonic() < started + deadline_s:
+                if time.monotonic() >= until and (not last or not waiting_for()):
+                    break
+                step_started = time.monotonic()
+                with torch.no_grad():
+                    _sync(model(tokens, phase.start_pos))
+                drain()
+                time.sleep(max(0.0, step_interval_s - (time.monotonic() - step_started)))
+            else:
+                echo(f"deadline of {deadline_s:.0f} s passed; still waiting for: {', '.join(waiting_for()) or '-'}")
+                break
+    finally:
+        runtime.window_listeners.remove(arrived.put)
+    drain()
+    return summarise(windows, list(runtime.deploys), phase_starts, interpreter)
+
+
+def run_llama_demo_loop(settings: Settings, nats_url: str | None = None, model: str = "kernelloop",
+                        preset: str | None = None, dtype: str | None = None, phase_s: float | None = None,
+                        deadline_s: float | None = None, echo=print) -> int:
+    """`kernelloop up --demo --workload llama`: the model is built first (a missing transformers or
+    a full GPU fails before anything starts), then the loop and the traffic as run_demo_loop's."""
+    device = hardware.device()
+    preset = preset or ("8b" if device == "cuda" else "tiny")
+    dtype = dtype or "bfloat16"
+    echo(f"kernelloop demo: building the {preset} Llama-style stack ({model}, {dtype}) on {device}")
+    served = build_model(model, preset, device, dtype)
+    if model == "hf":
+        echo(served.describe())
+    phases = [fit(p, PRESETS[preset]) for p in TRAFFIC]
+    summary, spans = run_in_loop(
+        settings, nats_url, LLAMA_ENV, echo, sample_every=4,
+        work=lambda runtime, echo: run_llama_demo(runtime, served, phases, phase_s or PHASE_S,
+                                                  deadline_s or DEADLINE_S, echo=echo))
+    fp = hardware.fingerprint()
+    result = {"device": fp.name, "interpreter": fp.interpreter, "fallback": fallback_name(fp.interpreter),
+              "workload": "llama", "model": model, "preset": preset, "dtype": dtype,
+              "model_note": served.describe() if model == "hf" else "observer/llama.py: every norm, projection, "
+                            "rotary and SwiGLU through kernelloop.ops",
+              "phases": [{"name": p.name, "batch": p.batch, "seq": p.seq, "start_pos": p.start_pos} for p in phases],
+              "target_s": summary["target_s"], "deploys": traced_deploys(summary["keys"], spans),
+              "keys": summary["keys"]}
+    echo("")
+    echo(format_summary(summary))
+    if model == "hf":
+        echo(f"model: {served.describe()}")
+    return report(settings, result, echo)
