@@ -1,7 +1,9 @@
 """Benchmarks one variant in its own process: generated code is untrusted and only ever runs there.
 
 The child checks the source statically, loads it (the first call compiles on a GPU), checks it
-against the op's reference and times it against the incumbent on every profile shape. The parent
+against the op's reference and times it against the incumbent on every profile shape. Workers on
+one device (several benchmarker replicas) compile and check side by side but time alone:
+benchmarker/devicelock.py. The parent
 waits with a deadline, kills a child that overruns it, reports one that dies, and builds the
 BenchResult. Children fork from a server that has imported torch and triton once, so each starts
 in milliseconds instead of seconds.
@@ -24,6 +26,7 @@ from shared.schemas import BenchResult, Campaign, ShapeTiming, VariantReady
 from shared.variants import load, load_measured, render, static_problems, variant_id
 
 from benchmarker import timing
+from benchmarker.devicelock import DeviceLock, device_id
 from benchmarker.check import HostCompute, LaunchError, TimedCheck, check, host_compute_message, shape_text
 
 # Imported once in the fork server, so no child pays for them.
@@ -257,9 +260,22 @@ def _stage(conn, name: str, **attributes):
 
 
 def _run_variant(variant: VariantReady, reps: int, cache_dir: Path, seed: int, conn, measured: dict) -> dict:
-    key, profile = variant.campaign.key, variant.campaign.profile
     device = hardware.device()
-    with _stage(conn, "compile") as attrs:
+    lock = DeviceLock(cache_dir / "locks", device_id(device))
+    conn.send(("begin", "waiting for the device"))
+    with lock.shared() as waited:
+        outcome = _compile_and_check(variant, cache_dir, seed, conn, measured, device, waited)
+    if outcome["status"] != "ok":
+        return outcome
+    conn.send(("begin", "waiting to time alone on the device"))
+    with lock.exclusive() as waited:
+        return _time(variant, outcome["candidate"], reps, cache_dir, seed, conn, device, waited)
+
+
+def _compile_and_check(variant: VariantReady, cache_dir: Path, seed: int, conn, measured: dict, device: str,
+                       waited_s: float) -> dict:
+    key, profile = variant.campaign.key, variant.campaign.profile
+    with _stage(conn, "compile", lock_wait_s=round(waited_s, 3)) as attrs:
         problems = static_problems(variant.source)
         if not problems and variant_id(variant.source, variant.params) != variant.variant_id:
             problems = [f"variant_id {variant.variant_id} is not the hash of its source and params"]
@@ -301,7 +317,14 @@ def _run_variant(variant: VariantReady, reps: int, cache_dir: Path, seed: int, c
         attrs.update(status=status, detail=message)
         if not ok:
             return {"status": status, "error": message}
+    return {"status": "ok", "candidate": candidate}
 
+
+def _time(variant: VariantReady, candidate: Callable, reps: int, cache_dir: Path, seed: int, conn, device: str,
+          waited_s: float) -> dict:
+    key, profile = variant.campaign.key, variant.campaign.profile
+    op = get_op(key.op)
+    dtype = torch_dtype(key.dtype)
     try:
         incumbent = _load_incumbent(variant.campaign, op, device, cache_dir)
     except Exception as e:  # it served production, so this is the machine's problem, not the candidate's
@@ -309,7 +332,8 @@ def _run_variant(variant: VariantReady, reps: int, cache_dir: Path, seed: int, c
     times = []
     tolerance = op.TOLERANCE[key.dtype]
     for ws in profile:
-        with _stage(conn, "time", shape=shape_text(ws.shape), reps=reps) as attrs:
+        with _stage(conn, "time", shape=shape_text(ws.shape), reps=reps, lock_wait_s=round(waited_s, 3)) as attrs:
+            waited_s = 0.0  # the lock is held for every shape: only the first waited
             args = op.make_inputs(ws.shape, dtype, device, seed)
             guard = TimedCheck(op, args, tolerance, seed, checked=1)  # 1: the candidate
             inc, cand = timing.time_pair(incumbent, candidate, args, reps, WARMUP[device], device, guard)

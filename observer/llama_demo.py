@@ -36,15 +36,18 @@ EXPECTED_OPS = ("rmsnorm", "rmsnorm_residual", "rotary", "silu_and_mul")
 #   rotary's time there); a matmul shape holds a tenth to a half of matmul's time at 55-90 % of the
 #   roofline (gain 0.01-0.13), a campaign that would hold the benchmarker a minute and deploy
 #   nothing (cuBLAS wins). The threshold keeps the one benchmarker's queue to the campaigns that pay.
-# - 4 variants a round, 2 rounds: a variant takes the benchmarker 2-4 s on an H100 (compile, check,
-#   time), so a campaign takes ~8-15 s and a phase's five finish ~40-80 s after its shift. Round 0
-#   spreads its points over the op's space, and almost any of them beats eager torch by 2-6x on
-#   these ops (docs/results/demo-*.md), so it deploys; round 1 is there for the round that does not.
+# - 4 variants a round, 2 rounds, 3 benchmark workers: on an H100 a variant takes a worker 5-7 s,
+#   4-5 s of it compiling and checking (Triton compiles each shape specialization anew), ~0.1 s
+#   timing. Three workers compile and check side by side and time one at a time
+#   (benchmarker/devicelock.py), so a round of 4 takes ~10 s instead of ~25 s. Round 0 starts
+#   from points that won before and spreads the rest over the op's space; almost any of them
+#   beats eager torch by 2-6x on these ops, so it deploys; round 1 is there for when it does not.
 # - 2 s windows and 2 confirming windows: a shift is detected in about 6 s.
 # - 20 timing repetitions: timing is ~15 ms of a variant's 2 s on a GPU; more repetitions narrow
 #   the confidence interval the gate reads.
 LLAMA_ENV = {"KERNELLOOP_WINDOW_S": "2", "KERNELLOOP_CONFIRM_WINDOWS": "2", "KERNELLOOP_BENCH_REPS": "20",
-             "KERNELLOOP_VARIANTS_PER_ROUND": "4", "KERNELLOOP_ROUNDS": "2", "KERNELLOOP_MIN_EXPECTED_GAIN": "0.15"}
+             "KERNELLOOP_VARIANTS_PER_ROUND": "4", "KERNELLOOP_ROUNDS": "2", "KERNELLOOP_MIN_EXPECTED_GAIN": "0.15",
+             "KERNELLOOP_BENCH_WORKERS": "3"}
 
 # Three phases of 90 s: a phase's campaigns finish inside it, and the workload stops at 300 s
 # (~5.5 min with the services' start and stop on an H100).

@@ -54,6 +54,10 @@ class Settings(BaseSettings):
     # Host memory a benchmark worker may map (RLIMIT_DATA): a variant that blows up dies alone, not
     # the machine. Device memory is bounded by the card; CUDA's address reservations do not count.
     bench_memory_gb: float = Field(16.0, gt=0, alias="KERNELLOOP_BENCH_MEMORY_GB")
+    # Benchmarker processes `kernelloop up` starts (one work queue). Workers on one device compile
+    # and check side by side and time one at a time (benchmarker/devicelock.py), so a few per GPU
+    # hide compile time without touching the timings. With compose, scale the service instead.
+    bench_workers: int = Field(1, ge=1, le=64, alias="KERNELLOOP_BENCH_WORKERS")
 
     # Deployer: a candidate must beat the incumbent by this margin at the CI's lower bound.
     min_speedup_margin: float = Field(0.02, alias="KERNELLOOP_MIN_SPEEDUP_MARGIN")

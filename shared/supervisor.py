@@ -15,7 +15,7 @@ import nats.errors
 from nats.js.errors import NotFoundError, ServiceUnavailableError
 
 from shared import nats_auth, nats_server, subjects
-from shared.settings import nats_servers
+from shared.settings import Settings, nats_servers
 
 SERVICES = ("observer", "detector", "generator", "benchmarker", "deployer")
 
@@ -91,10 +91,18 @@ def start(state_dir: Path, nats_url: str | None = None, env: dict[str, str] | No
     try:
         for name in services:
             loop.processes[name] = _spawn(name, state_dir, loop.env_for(name))
+        if "benchmarker" in services:
+            for _ in range(_bench_workers(env) - 1):
+                loop.add_replica("benchmarker")
     except Exception:
         loop.stop()
         raise
     return loop
+
+
+def _bench_workers(env: dict[str, str]) -> int:
+    given = {k: env[k] for k in ("KERNELLOOP_BENCH_WORKERS",) if k in env}
+    return Settings(**given).bench_workers
 
 
 def _embedded_server(state_dir: Path, auth: bool) -> tuple[nats_server.NatsServer, dict[str, str]]:

@@ -24,7 +24,9 @@ def _alive(pid: int) -> bool:
 
 
 def test_up_starts_embedded_nats_and_five_services_and_sigterm_stops_them_all(tmp_path):
-    env = {**os.environ, "KERNELLOOP_STATE_DIR": str(tmp_path), "PYTHONUNBUFFERED": "1", "TRITON_INTERPRET": "1"}
+    # two benchmark workers: the stage that scales within one device (they time one at a time)
+    env = {**os.environ, "KERNELLOOP_STATE_DIR": str(tmp_path), "PYTHONUNBUFFERED": "1", "TRITON_INTERPRET": "1",
+           "KERNELLOOP_BENCH_WORKERS": "2"}
     env.pop("NATS_URL", None)
     up = subprocess.Popen([sys.executable, "-m", "kernelloop", "up"], cwd=ROOT, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -36,7 +38,7 @@ def test_up_starts_embedded_nats_and_five_services_and_sigterm_stops_them_all(tm
             line = up.stdout.readline()
         children = [int(p) for p in subprocess.run(["pgrep", "-P", str(up.pid)], capture_output=True,
                                                    text=True).stdout.split()]
-        assert len(children) == 6, "nats-server and five services"
+        assert len(children) == 7, "nats-server, five services and a second benchmarker"
         assert (tmp_path / "nats" / "jetstream").is_dir(), "JetStream data lives under the state folder"
 
         up.send_signal(signal.SIGTERM)

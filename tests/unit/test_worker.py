@@ -184,3 +184,24 @@ def test_out_of_memory_is_recognised_through_the_launch_error_that_wraps_it():
     except LaunchError as wrapped:
         assert out_of_memory(wrapped)
     assert not out_of_memory(ValueError("BLOCK must be a power of 2"))
+
+
+def test_workers_on_one_device_check_side_by_side_but_time_alone(tmp_path):
+    """Three benchmarks at once, as three replicas on one device run them: every timed stage
+    overlaps no stage of another worker (the lock holds out their checks too), and each variant
+    still gets its verdict."""
+    params = [FAST_PARAMS, {"BLOCK": 512, "ROWS": 1, "num_warps": 4}, {"BLOCK": 256, "ROWS": 4, "num_warps": 2}]
+    stages: list[list[Stage]] = [[], [], []]
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(benchmark, _variant(render(rmsnorm.TEMPLATE, p), p), REPS, TIMEOUT_S, tmp_path,
+                               stages[i].append) for i, p in enumerate(params)]
+        results = [f.result(timeout=300) for f in futures]
+    assert [r.status for r in results] == ["ok"] * 3, [r.error for r in results]
+    for i, mine in enumerate(stages):
+        others = [s for j, theirs in enumerate(stages) if j != i for s in theirs]
+        for timed in (s for s in mine if s.name == "time"):
+            clash = [s for s in others if s.start_ns < timed.end_ns and timed.start_ns < s.end_ns]
+            assert not clash, (timed, clash)
+    checks = [next(s for s in mine if s.name == "check") for mine in stages]
+    assert any(a.start_ns < b.end_ns and b.start_ns < a.end_ns for a in checks for b in checks if a is not b), \
+        "checks of different workers should run side by side"
