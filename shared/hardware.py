@@ -42,6 +42,7 @@ def fingerprint(measure: bool = False) -> Hardware:
     if not interpreted():
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         found.sm_count, found.memory_gib = props.multi_processor_count, round(props.total_memory / 2**30, 1)
+        found.device_id = f"GPU-{props.uuid}" if getattr(props, "uuid", None) is not None else ""
         if measure:
             found.copy_gbps, found.matmul_tflops = measured_peaks()
     return found

@@ -114,6 +114,9 @@ class Hardware(Model):
     torch: str
     triton: str
     host: str = ""
+    # Which card measured it (its UUID; the same card under any CUDA_VISIBLE_DEVICES numbering), so
+    # results from the benchmarkers of a multi-GPU host can be told apart; "" on the interpreter.
+    device_id: str = ""
     # What a kernel writer needs to know of a GPU; None on the interpreter or when not measured.
     sm_count: int | None = Field(None, ge=1)
     memory_gib: float | None = Field(None, gt=0, allow_inf_nan=False)

@@ -54,9 +54,10 @@ class Settings(BaseSettings):
     # Host memory a benchmark worker may map (RLIMIT_DATA): a variant that blows up dies alone, not
     # the machine. Device memory is bounded by the card; CUDA's address reservations do not count.
     bench_memory_gb: float = Field(16.0, gt=0, alias="KERNELLOOP_BENCH_MEMORY_GB")
-    # Benchmarker processes `kernelloop up` starts (one work queue). Workers on one device compile
-    # and check side by side and time one at a time (benchmarker/devicelock.py), so a few per GPU
-    # hide compile time without touching the timings. With compose, scale the service instead.
+    # Benchmarker processes `kernelloop up` starts per device (one work queue): that many pinned to
+    # each visible GPU (CUDA_VISIBLE_DEVICES), or that many on a machine without one. Workers on one
+    # device compile and check side by side and time one at a time (benchmarker/devicelock.py), so
+    # a few per GPU hide compile time without touching the timings. With compose, scale the service.
     bench_workers: int = Field(1, ge=1, le=64, alias="KERNELLOOP_BENCH_WORKERS")
 
     # Deployer: a candidate must beat the incumbent by this margin at the CI's lower bound.

@@ -28,13 +28,14 @@ class Loop:
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)  # NATS_URL here is nats_url: people and tools
     urls: dict[str, str] = field(default_factory=dict)  # user -> its NATS_URL, when the server has users
+    pins: dict[str, dict[str, str]] = field(default_factory=dict)  # process -> its own env (a benchmarker's GPU)
 
     def url_for(self, user: str) -> str:
         """The NATS_URL a service (or the workload) connects with: its own user where there are users."""
         return self.urls.get(user, self.nats_url)
 
     def env_for(self, name: str) -> dict[str, str]:
-        return {**self.env, "NATS_URL": self.url_for(_module(name))}
+        return {**self.env, "NATS_URL": self.url_for(_module(name)), **self.pins.get(name, {})}
 
     def kill(self, name: str) -> None:
         """SIGKILL one service, as a crash would: no draining, no clean-up."""
@@ -44,11 +45,13 @@ class Loop:
     def restart(self, name: str) -> None:
         self.processes[name] = _spawn(name, self.state_dir, self.env_for(name))
 
-    def add_replica(self, service: str) -> str:
+    def add_replica(self, service: str, spawn: bool = True) -> str:
         """Start one more process of a stage; replicas share its durable consumers, so each
-        message goes to one of them. Returns the new process's name, e.g. deployer#2."""
+        message goes to one of them. Returns the new process's name, e.g. deployer#2 (with
+        spawn=False only the name, for a caller that starts it with its own env)."""
         name = f"{service}#{sum(_module(n) == service for n in self.processes) + 1}"
-        self.processes[name] = _spawn(name, self.state_dir, self.env_for(name))
+        if spawn:
+            self.processes[name] = _spawn(name, self.state_dir, self.env_for(name))
         return name
 
     def dead(self) -> list[str]:
@@ -90,14 +93,38 @@ def start(state_dir: Path, nats_url: str | None = None, env: dict[str, str] | No
     loop = Loop(nats_url=nats_url, state_dir=state_dir, server=server, env=env, urls=urls)
     try:
         for name in services:
-            loop.processes[name] = _spawn(name, state_dir, loop.env_for(name))
+            if name != "benchmarker":  # below: one per GPU and worker
+                loop.processes[name] = _spawn(name, state_dir, loop.env_for(name))
         if "benchmarker" in services:
-            for _ in range(_bench_workers(env) - 1):
-                loop.add_replica("benchmarker")
+            for i, pin in enumerate(benchmarker_pins(visible_gpus(env), _bench_workers(env))):
+                name = "benchmarker" if i == 0 else loop.add_replica("benchmarker", spawn=False)
+                loop.pins[name] = pin
+                loop.processes[name] = _spawn(name, state_dir, loop.env_for(name))
     except Exception:
         loop.stop()
         raise
     return loop
+
+
+def visible_gpus(env: dict[str, str]) -> list[str]:
+    """The GPUs benchmarkers may be pinned to: CUDA_VISIBLE_DEVICES as given, else every device
+    CUDA reports; none under the Triton interpreter or without CUDA."""
+    if env.get("TRITON_INTERPRET") == "1":
+        return []
+    given = env.get("CUDA_VISIBLE_DEVICES")
+    if given is not None:
+        return [d.strip() for d in given.split(",") if d.strip() and d.strip() != "-1"]
+    import torch  # only here: the loop's other processes need no CUDA in this one
+
+    return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+
+
+def benchmarker_pins(gpus: list[str], workers_per_device: int) -> list[dict[str, str]]:
+    """The extra environment of each benchmarker process: workers_per_device pinned to each GPU
+    (a worker measures only on its own card), or that many unpinned where there is no GPU."""
+    if not gpus:
+        return [{} for _ in range(workers_per_device)]
+    return [{"CUDA_VISIBLE_DEVICES": gpu} for gpu in gpus for _ in range(workers_per_device)]
 
 
 def _bench_workers(env: dict[str, str]) -> int:
