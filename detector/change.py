@@ -14,8 +14,9 @@ What is judged, per key and slot:
   the running workload once: none has had a campaign it knows of);
 - idle_to_hot: a known key that was idle (below idle_share) for idle_windows slots holds
   min_time_share again for confirm_windows slots;
-- frequency_shift: a CUSUM (detector/cusum.py) on log calls per reporting source finds a rise of at
-  least min_ratio in a key holding min_time_share; per source, so adding processes is no shift;
+- frequency_shift: a CUSUM, or a three-window test that no single burst window can pass
+  (detector/cusum.py), on log calls per reporting source finds a rise of at least min_ratio in a
+  key holding min_time_share; per source, so adding processes is no shift;
 - regression: the same test on log time per call finds a rise; after a deploy the new variant is
   held against the old one's level, and a rise there is a regression after deploy, which the
   deployer answers with a rollback.
@@ -344,9 +345,12 @@ class ChangeDetector:
             return (f"{bucket} was idle (under {self.idle_share:.0%} of {where}'s time for at least "
                     f"{self.idle_windows} windows) and now takes {after.time_share:.1%} over {n} windows")
         noise = (state.time if reason == "regression" else state.rate).sigma()
+        if alarm.trimmed:
+            test = f"three-window test: its two lower windows {self.cusum.trim_h:g} sigma over the level together"
+        else:
+            test = f"CUSUM on log values: k={self.cusum.k:g} sigma, h={self.cusum.h:g} sigma"
         how = (f"drifted {alarm.ratio:.2f}x since its last change" if alarm.drift else
-               f"rose {alarm.ratio:.2f}x over {n} window(s) (CUSUM on log values: k={self.cusum.k:g} sigma, "
-               f"h={self.cusum.h:g} sigma, noise {noise:.0%})")
+               f"rose {alarm.ratio:.2f}x over {n} window(s) ({test}, noise {noise:.0%})")
         if reason == "frequency_shift":
             return (f"{bucket}: calls per source and window {how}, from {alarm.before:.1f} to {alarm.after:.1f}; "
                     f"it takes {after.time_share:.1%} of {where}'s time (was {before.time_share:.1%})")

@@ -1,5 +1,6 @@
 """A stream simulator: realistic noisy kernel.stats windows for one op, with stationary traffic,
-step shifts, slow ramps, bursts, new shapes, idle spells and deploys that regress, from a seed.
+step shifts, slow ramps, bursts (frequent or rare), new shapes, idle spells and deploys that
+regress, from a seed.
 
 Noise: every window's call count and time per call are the true value times a log-normal factor
 whose log has standard deviation `noise` (noise=0.2: about 20 % coefficient of variation,
@@ -101,6 +102,9 @@ def scenario(name: str, slots: int = 200, noise: float = 0.2, seed: int = 0, sou
         "ramp": (Change("ramp", target, at, at + 40, rate=3.0),),
         "bursty": tuple(Change("burst", b.bucket, s, s + 1, rate=3.0)
                         for i, b in enumerate(MIX) for s in range(7 + 3 * i, slots, 13)),
+        # bursts too rare to widen the noise estimate much: each must be ignored on its own merits
+        "bursty-rare": tuple(Change("burst", b.bucket, s, s + 1, rate=3.0)
+                             for i, b in enumerate(MIX) for s in range(17 + 7 * i, slots, 61)),
         "new-bucket": (Change("appear", NEW.bucket, at),),
         "idle-to-hot": (Change("idle", MIX[2].bucket, at // 2, at),),
         "regression": (Change("deploy", target, at, time=2.0, variant_id="v-slow"),),
@@ -174,8 +178,8 @@ def cli(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kernelloop simulate",
                                      description="simulated kernel.stats windows, or the detector's answers to them")
     parser.add_argument("scenario", nargs="?", default="stationary",
-                        help="stationary, step-rate, step-time, ramp, bursty, new-bucket, idle-to-hot, "
-                             "regression, deploy-faster")
+                        help="stationary, step-rate, step-time, ramp, bursty, bursty-rare, new-bucket, "
+                             "idle-to-hot, regression, deploy-faster")
     parser.add_argument("--slots", type=int, default=200, help="windows per source and bucket")
     parser.add_argument("--noise", type=float, default=0.2, help="log-normal noise per window (0.2: ~20%%)")
     parser.add_argument("--seed", type=int, default=0)
