@@ -21,12 +21,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q
 
-# Speed tables on a CUDA device (eager vs torch.compile vs the best variant), under docs/results/.
+# Speed tables on a CUDA device (eager vs torch.compile vs the best variant per op and shape, then the
+# decoder stack's decode and prefill steps with those winners), under docs/results/.
 # BENCH_PY: an interpreter that already has CUDA torch (the venv's torch may be the CPU build).
 BENCH_PY ?= $(BIN)/python
 .PHONY: bench
 bench:
 	PYTHONUNBUFFERED=1 $(BENCH_PY) -m bench.bench_ops --out docs/results
+	PYTHONUNBUFFERED=1 $(BENCH_PY) -m bench.bench_e2e --out docs/results
 
 # The detector measured like a classifier over the stream simulator (fixed seeds, CPU only).
 .PHONY: bench-detector

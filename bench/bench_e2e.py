@@ -115,7 +115,8 @@ def run(preset: str, log) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ops-json", type=Path, required=True, help="bench_ops' JSON from the same machine")
+    parser.add_argument("--ops-json", type=Path, help="bench_ops' JSON from the same machine "
+                                                       "(default: OUT/ops-<this GPU>.json, as make bench writes it)")
     parser.add_argument("--out", type=Path, default=Path("docs/results"))
     parser.add_argument("--preset", default="8b", choices=sorted(PRESETS))
     args = parser.parse_args(argv)
@@ -125,6 +126,11 @@ def main(argv: list[str] | None = None) -> None:
     def log(msg: str) -> None:
         print(msg, flush=True)
 
+    if args.ops_json is None:
+        args.ops_json = args.out / f"ops-{hardware.slug(torch.cuda.get_device_name())}.json"
+    if not args.ops_json.is_file():
+        sys.exit(f"bench_e2e deploys the winners of bench_ops' run on this GPU, and {args.ops_json} is missing: "
+                 "run python -m bench.bench_ops first (make bench runs both)")
     ops_result = json.loads(args.ops_json.read_text())
     keys = install_winners(ops_result["rows"], "bfloat16")
     log(f"{len(keys)} variants deployed from {args.ops_json.name}")
