@@ -19,7 +19,11 @@ What is judged, per key and slot:
   key holding min_time_share; per source, so adding processes is no shift;
 - regression: the same test on log time per call finds a rise; after a deploy the new variant is
   held against the old one's level, and a rise there is a regression after deploy, which the
-  deployer answers with a rollback.
+  deployer answers with a rollback. A deploy is also judged once on its own: the mean of its
+  first post_deploy_windows windows against the old level, at post_deploy_z standard errors and
+  post_deploy_min_ratio. A deploy promised a speedup, so a smaller slowdown than the CUSUM's
+  min_ratio already breaks the promise (a kernel whose launch path costs more than it saves in a
+  host-bound server, say); one test per deploy keeps its false alarms rare.
 A bucket's time share moves when its calls or its time per call move (both tested) or when other
 buckets' do; the latter is their change, not this key's, so share itself is not tested.
 Every campaign-starting event is followed by a cool-down per key; falls are never reported (less
@@ -83,6 +87,8 @@ class _KeyState:
     variant_ids: frozenset | None = None
     deploy_from: str | None = None  # while a deploy is being checked: the variant it replaced
     deploy_check: bool = False
+    post: list = field(default_factory=list)  # log time per call of the windows since the deploy
+    post_ref: tuple | None = None  # (log level, sigma) of the replaced variant, until the deploy is judged
     promised: dict = field(default_factory=dict)  # variant_id -> speedup the benchmark measured
     last_event_at: datetime | None = None
     pending: tuple | None = None  # (reason, alarm) found during the cool-down, reported after it
@@ -107,7 +113,8 @@ class ChangeDetector:
 
     def __init__(self, min_time_share: float = 0.03, confirm_windows: int = 2, cooldown_s: float = 600.0,
                  slot_s: float = 5.0, idle_share: float = 0.01, idle_windows: int = 6,
-                 deploy_check_windows: int = 12, cusum: CusumConfig | None = None, max_profile_shapes: int = 8):
+                 deploy_check_windows: int = 12, cusum: CusumConfig | None = None, max_profile_shapes: int = 8,
+                 post_deploy_windows: int = 8, post_deploy_z: float = 3.0, post_deploy_min_ratio: float = 1.1):
         if not 0 < min_time_share <= 1 or confirm_windows < 1 or slot_s <= 0 or not 0 <= idle_share < min_time_share:
             raise ValueError("need 0 < min_time_share <= 1, confirm_windows >= 1, slot_s > 0 and "
                              "0 <= idle_share < min_time_share")
@@ -118,6 +125,9 @@ class ChangeDetector:
         self.idle_share = idle_share
         self.idle_windows = idle_windows
         self.deploy_check_windows = deploy_check_windows
+        self.post_deploy_windows = post_deploy_windows
+        self.post_deploy_z = post_deploy_z
+        self.post_deploy_min_ratio = post_deploy_min_ratio
         self.cusum = cusum or CusumConfig()
         self.max_profile_shapes = max_profile_shapes
         self.late_windows = 0
@@ -224,6 +234,7 @@ class ChangeDetector:
             rate_alarm = state.rate.update(window.calls / sources)
             if window.sampled_calls:
                 time_alarm = state.time.update(window.sampled_time_us / window.sampled_calls)
+                time_alarm = time_alarm or self._judge_deploy(state, window.sampled_time_us / window.sampled_calls)
         # a streak of windows each holding at least half the threshold, whose mean holds all of
         # it: one noisy window of a 5 % bucket must not reset it, one lone spike must not confirm it
         state.hot = state.hot + 1 if share >= self.min_time_share / 2 else 0
@@ -266,14 +277,32 @@ class ChangeDetector:
             # a deploy (or rollback) changed the kernel: its time per call is judged against the
             # old kernel's level for a while, so a slower kernel shows as a regression after deploy
             if state.time.n >= 2:
+                state.post, state.post_ref = [], (state.time.level, state.time.sigma())
                 state.time.hold(self.deploy_check_windows)
                 state.deploy_check = len(variant_ids) == 1
                 if len(state.variant_ids) == 1:  # a mixed slot (a rollout in progress) keeps the last one
                     state.deploy_from = next(iter(state.variant_ids))
             else:
                 state.time.restart()
+                state.post_ref = None
         state.variant_ids = variant_ids
         state.deployed |= any(v is not None for v in variant_ids)
+
+    def _judge_deploy(self, state: _KeyState, per_call_us: float) -> Alarm | None:
+        """The one test of a deploy: its first windows' mean log time per call against the replaced
+        variant's level; an Alarm when it is slower beyond noise and by post_deploy_min_ratio."""
+        if state.post_ref is None or not state.deploy_check:
+            return None
+        state.post.append(math.log(max(per_call_us, 1e-12)))
+        if len(state.post) < self.post_deploy_windows:
+            return None
+        (level, sigma), n = state.post_ref, len(state.post)
+        state.post_ref = None
+        mean = sum(state.post) / n
+        z = (mean - level) / (sigma / math.sqrt(n))
+        if z < self.post_deploy_z or mean - level < math.log(self.post_deploy_min_ratio):
+            return None
+        return Alarm(1, math.exp(mean - level), n, math.exp(level), math.exp(mean))
 
     def _track_idle(self, state: _KeyState, share: float) -> bool:
         """True when a dormant key comes back; its tests restart from the new traffic."""

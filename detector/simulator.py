@@ -109,6 +109,9 @@ def scenario(name: str, slots: int = 200, noise: float = 0.2, seed: int = 0, sou
         "idle-to-hot": (Change("idle", MIX[2].bucket, at // 2, at),),
         "regression": (Change("deploy", target, at, time=2.0, variant_id="v-slow"),),
         "deploy-faster": (Change("deploy", target, at, time=0.6, variant_id="v-fast"),),
+        # a deploy that serves 1.35x slower: under the CUSUM's min_ratio, caught by the deploy's own test
+        "mild-regression": (Change("deploy", target, at, time=1.35, variant_id="v-mild"),),
+        "deploy-same": (Change("deploy", target, at, time=1.0, variant_id="v-same"),),
     }
     if name not in changes:
         raise ValueError(f"unknown scenario {name!r}; known: {', '.join(changes)}")
@@ -179,7 +182,7 @@ def cli(argv: list[str] | None = None) -> int:
                                      description="simulated kernel.stats windows, or the detector's answers to them")
     parser.add_argument("scenario", nargs="?", default="stationary",
                         help="stationary, step-rate, step-time, ramp, bursty, bursty-rare, new-bucket, "
-                             "idle-to-hot, regression, deploy-faster")
+                             "idle-to-hot, regression, deploy-faster, mild-regression, deploy-same")
     parser.add_argument("--slots", type=int, default=200, help="windows per source and bucket")
     parser.add_argument("--noise", type=float, default=0.2, help="log-normal noise per window (0.2: ~20%%)")
     parser.add_argument("--seed", type=int, default=0)

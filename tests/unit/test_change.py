@@ -108,6 +108,25 @@ def test_slower_variant_after_deploy_is_a_regression_after_deploy():
         assert "after the deploy of v-slow over v-small" in event.detail
 
 
+def test_deploy_serving_1_35x_slower_is_caught_by_its_own_test():
+    # under the CUSUM's min_ratio of 1.5: the deploy's one test on its first 8 windows finds it
+    found = []
+    for seed in range(20):
+        s = scenario("mild-regression", slots=90, seed=seed, at=60)
+        hits = [h for h in detect(s, ChangeDetector(slot_s=s.slot_s)) if h.event.after_deploy]
+        found.append(hits[0].slot - 60 + 1 if hits else 99)
+        if hits:
+            assert hits[0].event.reason == "regression" and hits[0].event.variant_id == "v-mild"
+            assert hits[0].event.after.time_us_per_call > 1.1 * hits[0].event.before.time_us_per_call
+    assert sum(d <= 8 for d in found) >= 15, found
+
+
+def test_deploy_that_serves_the_same_raises_nothing():
+    for seed in range(20):
+        s = scenario("deploy-same", slots=120, seed=seed, at=60)
+        assert detect(s, ChangeDetector(slot_s=s.slot_s)) == []
+
+
 def test_faster_variant_after_deploy_raises_nothing():
     for seed in SEEDS:
         s = scenario("deploy-faster", slots=120, seed=seed, at=60)
