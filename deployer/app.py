@@ -9,7 +9,7 @@ from opentelemetry.trace import TracerProvider
 
 from deployer import regression
 from deployer.campaign import AUTO_GATE, CampaignStore, approval_needed, record
-from deployer.registry import Registry
+from deployer.registry import Registry, withdrawn
 from deployer.queue import watch_benchmark_queue
 from deployer.rollout import carry_out, current_trace_id, decide_approval
 from shared import subjects
@@ -47,10 +47,11 @@ def build_app(settings: Settings, tracer_provider: TracerProvider | None = None,
             trace_id, span_id = current_trace_id(), f"{span.get_span_context().span_id:016x}"
 
             started = []
+            taken_off = withdrawn(await registry.history(campaign.key))
 
             def _record(s):
                 started[:] = [s is None]
-                state, step = record(s, result, margin, bool(held), trace_id, span_id)
+                state, step = record(s, result, margin, bool(held), trace_id, span_id, taken_off)
                 if step.decision is not None and state.status == "awaiting_approval":
                     state.reason = f"{state.reason}; held: {held}"
                 return state, step

@@ -98,8 +98,10 @@ def approval_needed(policy: DeployPolicy, approval_share: float, time_share: flo
 
 
 def record(state: CampaignState | None, result: BenchResult, margin: float, require_approval: bool,
-           trace_id: str | None = None, span_id: str | None = None) -> tuple[CampaignState, Step]:
-    """Add one result; when it completes its round, let the gate decide what the campaign does next."""
+           trace_id: str | None = None, span_id: str | None = None,
+           withdrawn: dict[str, str] | None = None) -> tuple[CampaignState, Step]:
+    """Add one result; when it completes its round, let the gate decide what the campaign does next
+    (never choosing a variant the registry withdrew from the key before)."""
     state = new_state(result.campaign) if state is None else state.model_copy(deep=True)
     if state.status != "running":
         return state, Step(False, f"campaign {state.campaign.campaign_id} is already {state.status}")
@@ -114,7 +116,7 @@ def record(state: CampaignState | None, result: BenchResult, margin: float, requ
         state.result_spans[result.variant_id] = span_id
     if len(received) < result.round_size:
         return state, Step(True, f"round {result.round}: {len(received)} of {result.round_size} results")
-    decision = decide(list(received.values()), margin)
+    decision = decide(list(received.values()), margin, withdrawn)
     fan_in = tuple(state.result_spans.pop(v) for v in received if v in state.result_spans and v != result.variant_id)
     state.result_spans.pop(result.variant_id, None)
     state = close_round(state, result.round, decision, require_approval, trace_id)

@@ -66,13 +66,15 @@ def describe(result: BenchResult) -> str:
     return f"{result.variant_id} ({speedup}x, CI [{low}, {high}])"
 
 
-def decide(results: list[BenchResult], margin: float) -> Decision:
-    """Deploy the deployable candidate with the best weighted speedup, or say why none is."""
+def decide(results: list[BenchResult], margin: float, withdrawn: dict[str, str] | None = None) -> Decision:
+    """Deploy the deployable candidate with the best weighted speedup, or say why none is.
+    withdrawn: variants taken off this key before (deployer/registry.py), never chosen again here."""
     if not results:
         return Decision(False, None, None, "no results in the round")
+    withdrawn = withdrawn or {}
     measured = [r for r in results if r.status == "ok" and r.weighted_speedup is not None]
     best = max(measured, key=_rank) if measured else None
-    candidates = [r for r in measured if deployable(r, margin)]
+    candidates = [r for r in measured if deployable(r, margin) and r.variant_id not in withdrawn]
     if candidates:
         winner = max(candidates, key=_rank)
         reason = f"deploy {describe(winner)}: lower bound clears 1 + margin = {1.0 + margin:.3f}"
@@ -81,4 +83,5 @@ def decide(results: list[BenchResult], margin: float) -> Decision:
         counts = Counter(r.status for r in results)
         summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
         return Decision(False, None, None, f"no deploy: no candidate produced a speedup ({summary})")
-    return Decision(False, None, best, f"no deploy: best candidate {describe(best)}: {refusal(best, margin)}")
+    why = refusal(best, margin) or f"it served this key before and was {withdrawn.get(best.variant_id)}"
+    return Decision(False, None, best, f"no deploy: best candidate {describe(best)}: {why}")

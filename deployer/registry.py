@@ -24,6 +24,22 @@ class Revision(NamedTuple):
     entry: RegistryEntry | None  # None: a delete marker, i.e. the op's fallback serves the key
 
 
+def withdrawn(history: list[Revision]) -> dict[str, str]:
+    """Variant id -> why it no longer serves, for every variant a rollback (after a live regression,
+    or by a person) or a removal took off the key: the loop does not deploy those again by itself,
+    or a variant that serves slower than it benchmarks would come back with every campaign. As far
+    as the kept history reaches."""
+    out: dict[str, str] = {}
+    for before, after in zip(history, history[1:]):
+        if before.entry is None:
+            continue
+        if after.entry is None:
+            out[before.entry.variant_id] = f"removed at revision {after.revision}"
+        elif after.entry.approved_by.startswith("rollback"):
+            out[before.entry.variant_id] = f"rolled back at revision {after.revision} ({after.entry.approved_by})"
+    return out
+
+
 def _parse(entry: KeyValue.Entry) -> RegistryEntry | None:
     return None if entry.operation in ("DEL", "PURGE") else RegistryEntry.model_validate_json(entry.value)
 

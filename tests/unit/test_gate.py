@@ -114,3 +114,30 @@ def test_gate_refuses_a_result_that_does_not_say_which_code_was_measured():
     unsigned = bench(1024, 1.30, 1.21).model_copy(update={"measured_sha256": None})
     assert "no hash of the code" in refusal(unsigned, MARGIN)
     assert not decide([unsigned], MARGIN).deploy
+
+
+def test_gate_never_redeploys_a_variant_withdrawn_from_the_key():
+    rolled_back, next_best = bench(1024, 1.50, 1.35), bench(2048, 1.30, 1.25)
+    why = {rolled_back.variant_id: "rolled back at revision 3 (rollback: live regression)"}
+    decision = decide([rolled_back, next_best], MARGIN, withdrawn=why)
+    assert decision.deploy and decision.winner is next_best
+    alone = decide([rolled_back], MARGIN, withdrawn=why)
+    assert not alone.deploy and "rolled back at revision 3" in alone.reason
+
+
+def test_withdrawn_variants_are_those_a_rollback_or_a_removal_took_off():
+    from datetime import datetime, timezone
+
+    from deployer.registry import Revision, withdrawn
+    from shared.schemas import RegistryEntry
+
+    def entry(vid, by="auto-gate", previous=None):
+        return RegistryEntry(variant_id=vid, source="", speedup=1.5, campaign_id="c", approved_by=by,
+                             previous_variant_id=previous, deployed_at=datetime(2026, 1, 1, tzinfo=timezone.utc))
+
+    history = [Revision(1, entry("a")), Revision(2, entry("b", previous="a")),  # a replaced by a better b
+               Revision(3, entry("a", by="rollback: live regression", previous="b")),  # b rolled back
+               Revision(4, entry("c", previous="a")), Revision(5, None)]  # c removed: the fallback serves
+    out = withdrawn(history)
+    assert set(out) == {"b", "c"} and "revision 3" in out["b"] and "removed" in out["c"]
+    assert withdrawn([]) == {} and withdrawn([Revision(1, entry("a"))]) == {}
