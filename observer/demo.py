@@ -58,19 +58,24 @@ def summarise(windows: list[KernelStats], deploys: list[DeployRecord], keys: lis
     return {"op": OP, "interpreter": interpreter, "keys": rows}
 
 
+def us_text(v: float | None) -> str:
+    """A per-call time for the summary tables, or - when there is none."""
+    return f"{v:,.0f}" if v is not None else "-"
+
+
+def speedup_text(v: float | None) -> str:
+    """A speedup for the summary tables, or - when there is none."""
+    return f"{v:.2f}x" if v is not None else "-"
+
+
 def format_summary(summary: dict) -> str:
     """A markdown table of summarise()'s result."""
-    def us(v: float | None) -> str:
-        return f"{v:,.0f}" if v is not None else "-"
-
-    def x(v: float | None) -> str:
-        return f"{v:.2f}x" if v is not None else "-"
-
     lines = ["| key | calls | before us/call (fallback) | after us/call | variant | speedup (benchmark) "
              "| speedup (served) | trace |", "|---|---:|---:|---:|---|---:|---:|---|"]
     for r in summary["keys"]:
-        lines.append(f"| {r['key']} | {r['calls']} | {us(r['before_us_per_call'])} | {us(r['after_us_per_call'])} "
-                     f"| {r['variant_id'] or 'none deployed'} | {x(r['speedup'])} | {x(r['measured_speedup'])} "
+        lines.append(f"| {r['key']} | {r['calls']} | {us_text(r['before_us_per_call'])} "
+                     f"| {us_text(r['after_us_per_call'])} | {r['variant_id'] or 'none deployed'} "
+                     f"| {speedup_text(r['speedup'])} | {speedup_text(r['measured_speedup'])} "
                      f"| {r['trace_id'] or '-'} |")
     if summary["interpreter"]:
         lines.append("\nTimes measure the Triton interpreter on the CPU, not a GPU: they show the loop "

@@ -9,7 +9,8 @@ from datetime import datetime, timezone
 
 import torch
 
-from observer.demo import duration, fallback_name, per_call_us, report, run_in_loop, traced_deploys
+from observer.demo import (duration, fallback_name, per_call_us, report, run_in_loop, speedup_text, traced_deploys,
+                           us_text)
 from observer.hotswap import DeployRecord
 from observer.llama import PRESETS, TRAFFIC, Llama, fit
 from observer.runtime import Runtime
@@ -137,19 +138,14 @@ def summarise(windows: list[KernelStats], deploys: list[DeployRecord], phase_sta
 
 def format_summary(summary: dict) -> str:
     """A markdown table of summarise()'s result, and how many deploys met the target."""
-    def us(v: float | None) -> str:
-        return f"{v:,.0f}" if v is not None else "-"
-
-    def x(v: float | None) -> str:
-        return f"{v:.2f}x" if v is not None else "-"
-
     lines = ["| key | phase | calls | before us/call (fallback) | after us/call | variant | speedup (benchmark) "
              "| speedup (served) | traffic to served |", "|---|---|---:|---:|---:|---|---:|---:|---:|"]
     for r in summary["keys"]:
         took = f"{r['traffic_to_served_s']:.1f} s" if r["traffic_to_served_s"] is not None else "-"
-        lines.append(f"| {r['key']} | {r['phase'] or '-'} | {r['calls']} | {us(r['before_us_per_call'])} "
-                     f"| {us(r['after_us_per_call'])} | {r['variant_id'] or 'none deployed'} | {x(r['speedup'])} "
-                     f"| {x(r['measured_speedup'])} | {took} |")
+        lines.append(f"| {r['key']} | {r['phase'] or '-'} | {r['calls']} | {us_text(r['before_us_per_call'])} "
+                     f"| {us_text(r['after_us_per_call'])} | {r['variant_id'] or 'none deployed'} "
+                     f"| {speedup_text(r['speedup'])} "
+                     f"| {speedup_text(r['measured_speedup'])} | {took} |")
     timed = [r for r in summary["keys"] if r["traffic_to_served_s"] is not None]
     met = sum(1 for r in timed if r["within_target"])
     lines.append(f"\n{len(timed)} key(s) deployed and served; {met} within {summary['target_s']:.0f} s of their "
