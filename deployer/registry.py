@@ -30,13 +30,18 @@ def withdrawn(history: list[Revision]) -> dict[str, str]:
     or a variant that serves slower than it benchmarks would come back with every campaign. As far
     as the kept history reaches."""
     out: dict[str, str] = {}
+    served: set[str] = set()  # variants that served the key before `before`
     for before, after in zip(history, history[1:]):
         if before.entry is None:
             continue
         if after.entry is None:
             out[before.entry.variant_id] = f"removed at revision {after.revision}"
-        elif after.entry.approved_by.startswith("rollback"):
+        elif after.entry.variant_id != before.entry.variant_id and (
+                after.entry.approved_by.startswith("rollback") or after.entry.variant_id in served):
+            # a person's rollback is approved by that person, so a rollback is also known by its
+            # shape: the key goes back to a variant that served it before
             out[before.entry.variant_id] = f"rolled back at revision {after.revision} ({after.entry.approved_by})"
+        served.add(before.entry.variant_id)
     return out
 
 

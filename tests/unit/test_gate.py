@@ -141,3 +141,21 @@ def test_withdrawn_variants_are_those_a_rollback_or_a_removal_took_off():
     out = withdrawn(history)
     assert set(out) == {"b", "c"} and "revision 3" in out["b"] and "removed" in out["c"]
     assert withdrawn([]) == {} and withdrawn([Revision(1, entry("a"))]) == {}
+
+
+def test_a_persons_rollback_withdraws_the_variant_it_took_off():
+    """`kernelloop rollback KEY --by erin` writes the earlier entry approved by erin, not by "rollback"."""
+    from datetime import datetime, timezone
+
+    from deployer.registry import Revision, withdrawn
+    from shared.schemas import RegistryEntry
+
+    def entry(vid, by="auto-gate", previous=None):
+        return RegistryEntry(variant_id=vid, source="", speedup=1.5, campaign_id="c", approved_by=by,
+                             previous_variant_id=previous, deployed_at=datetime(2026, 1, 1, tzinfo=timezone.utc))
+
+    history = [Revision(1, entry("a")), Revision(2, entry("b", previous="a")), Revision(3, entry("c", previous="b")),
+               Revision(4, entry("a", by="erin", previous="c"))]  # `--to 1`: back past b to a
+    assert set(withdrawn(history)) == {"c"} and "(erin)" in withdrawn(history)["c"]
+    approved = history[:2] + [Revision(3, entry("b", by="dave", previous="a"))]  # b re-approved in place
+    assert withdrawn(approved) == {}
