@@ -6,7 +6,7 @@ import logging
 import queue
 import time
 
-from observer.hotswap import DeployRecord
+from observer.hotswap import DeployRecord, Withdrawal
 from observer.runtime import Runtime
 from observer.sdk import observe, ops
 from shared import hardware
@@ -35,9 +35,26 @@ def _describe(stats: KernelStats, interpreter: bool) -> str:
             f"{per_call}{where}  served by {stats.variant_id or 'fallback'}")
 
 
+def withdrawn(key: str, deploy: DeployRecord | None, withdrawals: list[Withdrawal]) -> str | None:
+    """Why the registry took the key's last deploy back from serving here (a rollback after a live
+    regression, say), or None while it serves."""
+    if deploy is None:
+        return None
+    return next((w.why for w in reversed(withdrawals)
+                 if w.key == key and w.variant_id == deploy.variant_id and w.time >= deploy.time), None)
+
+
+def variant_text(row: dict) -> str:
+    """The summary tables' variant cell: what was deployed, and whether it still serves."""
+    if not row["variant_id"]:
+        return "none deployed"
+    return f"{row['variant_id']} (withdrawn: {row['withdrawn']})" if row.get("withdrawn") else row["variant_id"]
+
+
 def summarise(windows: list[KernelStats], deploys: list[DeployRecord], keys: list[str],
-              interpreter: bool) -> dict:
-    """Per key: calls, time per call served by the fallback and by the (last) deployed variant."""
+              interpreter: bool, withdrawals: list[Withdrawal] = ()) -> dict:
+    """Per key: calls, time per call served by the fallback and by the (last) deployed variant, and
+    whether the registry withdrew that variant since."""
     rows = []
     for key in keys:
         mine = [w for w in windows if str(w.key) == key]
@@ -54,6 +71,7 @@ def summarise(windows: list[KernelStats], deploys: list[DeployRecord], keys: lis
             "speedup": deploy.speedup if deploy else None,
             "campaign_id": deploy.campaign_id if deploy else None,
             "trace_id": deploy.trace_id if deploy else None,
+            "withdrawn": withdrawn(key, deploy, withdrawals),
         })
     return {"op": OP, "interpreter": interpreter, "keys": rows}
 
@@ -74,7 +92,7 @@ def format_summary(summary: dict) -> str:
              "| speedup (served) | trace |", "|---|---:|---:|---:|---|---:|---:|---|"]
     for r in summary["keys"]:
         lines.append(f"| {r['key']} | {r['calls']} | {us_text(r['before_us_per_call'])} "
-                     f"| {us_text(r['after_us_per_call'])} | {r['variant_id'] or 'none deployed'} "
+                     f"| {us_text(r['after_us_per_call'])} | {variant_text(r)} "
                      f"| {speedup_text(r['speedup'])} | {speedup_text(r['measured_speedup'])} "
                      f"| {r['trace_id'] or '-'} |")
     if summary["interpreter"]:
@@ -128,7 +146,7 @@ def run_demo(runtime: Runtime, phase_s: float = 60.0, shapes=SHAPES, dtype: str 
     finally:
         runtime.window_listeners.remove(arrived.put)
     drain()
-    return summarise(windows, list(runtime.deploys), keys, interpreter)
+    return summarise(windows, list(runtime.deploys), keys, interpreter, list(runtime.withdrawals))
 
 
 # The loop's pace for the demo: short windows and modest repetitions, so a campaign on the

@@ -37,6 +37,20 @@ class DeployRecord:
     trace_id: str | None
     revision: int
     time: datetime
+    approved_by: str = ""
+
+
+@dataclass(frozen=True)
+class Withdrawal:
+    """A variant that stopped serving here because the registry took it back: a rollback (to the
+    variant before it, or to the fallback) or a deleted key. Replacing it with a newer deploy is not
+    one."""
+
+    key: str
+    variant_id: str
+    replaced_by: str | None  # None: the op's fallback
+    why: str
+    time: datetime
 
 
 def _campaign_context(trace_id: str | None):
@@ -67,6 +81,7 @@ class HotSwap:
         self.cache_dir = cache_dir
         self.deploys: list[DeployRecord] = []
         self.refused: list[tuple[str, str]] = []  # (registry key, reason)
+        self.withdrawals: list[Withdrawal] = []
         self.synced = threading.Event()  # set once the registry's current values are applied
         self.rewatch = asyncio.Event()  # set after a reconnect: a watch may miss what happened meanwhile
         self._revisions: dict[str, int] = {}  # key -> the last revision handled
@@ -114,9 +129,12 @@ class HotSwap:
 
     def undeploy(self, key: str) -> None:
         self._revisions.pop(key, None)
-        if self.dispatcher.serving(key) is not None:
+        serving = self.dispatcher.serving(key)
+        if serving is not None:
             log.warning("registry: %s deleted; the fallback serves it again", key)
             self.dispatcher.remove(key)
+            self.withdrawals.append(Withdrawal(key, serving, None, "deleted from the registry",
+                                               datetime.now(timezone.utc)))
 
     async def deploy(self, key: str, value: bytes, revision: int) -> None:
         if self._revisions.get(key) == revision:
@@ -128,7 +146,8 @@ class HotSwap:
             entry = RegistryEntry.model_validate_json(value)
         except (ValueError, KeyError, ValidationError) as e:
             return self._refuse(key, f"not a registry entry: {e}")
-        if self.dispatcher.serving(key) == entry.variant_id:
+        replaced = self.dispatcher.serving(key)
+        if replaced == entry.variant_id:
             return
         with tracer.start_as_current_span("swap", context=_campaign_context(entry.trace_id)) as span:
             span.set_attributes({"campaign_id": entry.campaign_id, "op": kernel_key.op,
@@ -141,8 +160,15 @@ class HotSwap:
                 return self._refuse(key, f"variant {entry.variant_id}: {e}")
             self.dispatcher.install(key, Served(entry.variant_id, launch, entry))
             span.set_attribute("status", "ok")
+        now = datetime.now(timezone.utc)
+        # as the registry's history tells it (deployer/registry.py withdrawn): back to a variant
+        # that served here before is a rollback, whoever approved it
+        back = any(d.key == key and d.variant_id == entry.variant_id for d in self.deploys)
+        if replaced is not None and (back or entry.approved_by.startswith("rollback")):
+            self.withdrawals.append(Withdrawal(key, replaced, entry.variant_id, f"rolled back ({entry.approved_by})",
+                                               now))
         self.deploys.append(DeployRecord(key, entry.variant_id, entry.speedup, entry.campaign_id,
-                                         entry.trace_id, revision, datetime.now(timezone.utc)))
+                                         entry.trace_id, revision, now, entry.approved_by))
         log.warning("registry: %s now served by %s (%.2fx, campaign %s)",
                     key, entry.variant_id, entry.speedup, entry.campaign_id)
 

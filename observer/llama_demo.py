@@ -10,8 +10,8 @@ from datetime import datetime, timezone
 import torch
 
 from observer.demo import (duration, fallback_name, per_call_us, report, run_in_loop, speedup_text, traced_deploys,
-                           us_text)
-from observer.hotswap import DeployRecord
+                           us_text, variant_text, withdrawn)
+from observer.hotswap import DeployRecord, Withdrawal
 from observer.llama import PRESETS, TRAFFIC, Llama, fit
 from observer.runtime import Runtime
 from shared import hardware
@@ -95,11 +95,11 @@ def first_phase(window: KernelStats, phase_starts: list[tuple[str, float]]) -> i
 
 
 def summarise(windows: list[KernelStats], deploys: list[DeployRecord], phase_starts: list[tuple[str, float]],
-              interpreter: bool, target_s: float = TARGET_S) -> dict:
+              interpreter: bool, target_s: float = TARGET_S, withdrawals: list[Withdrawal] = ()) -> dict:
     """Per key that had calls, in order of first traffic: its phase, calls, time per call served by
-    the fallback and by the (last) deployed variant, and the seconds from its phase's start to its
-    first deploy here. A deploy older than the key's traffic (a registry kept from an earlier run)
-    has no such time."""
+    the fallback and by the (last) deployed variant, whether the registry withdrew that variant
+    since, and the seconds from its phase's start to its first deploy here. A deploy older than the
+    key's traffic (a registry kept from an earlier run) has no such time."""
     first: dict[str, KernelStats] = {}
     for w in sorted(windows, key=lambda w: w.window_start):
         if w.calls:
@@ -132,6 +132,7 @@ def summarise(windows: list[KernelStats], deploys: list[DeployRecord], phase_sta
             "served_at": mine_deploys[0].time.isoformat() if mine_deploys else None,
             "traffic_to_served_s": to_deploy,
             "within_target": to_deploy <= target_s if to_deploy is not None else None,
+            "withdrawn": withdrawn(key, deploy, withdrawals),
         })
     return {"workload": "llama", "interpreter": interpreter, "target_s": target_s, "keys": rows}
 
@@ -143,13 +144,16 @@ def format_summary(summary: dict) -> str:
     for r in summary["keys"]:
         took = f"{r['traffic_to_served_s']:.1f} s" if r["traffic_to_served_s"] is not None else "-"
         lines.append(f"| {r['key']} | {r['phase'] or '-'} | {r['calls']} | {us_text(r['before_us_per_call'])} "
-                     f"| {us_text(r['after_us_per_call'])} | {r['variant_id'] or 'none deployed'} "
+                     f"| {us_text(r['after_us_per_call'])} | {variant_text(r)} "
                      f"| {speedup_text(r['speedup'])} "
                      f"| {speedup_text(r['measured_speedup'])} | {took} |")
     timed = [r for r in summary["keys"] if r["traffic_to_served_s"] is not None]
     met = sum(1 for r in timed if r["within_target"])
     lines.append(f"\n{len(timed)} key(s) deployed and served; {met} within {summary['target_s']:.0f} s of their "
                  "first traffic (their phase's start).")
+    if taken := [r for r in summary["keys"] if r.get("withdrawn")]:
+        lines.append(f"{len(taken)} of them withdrawn since (the fallback or an earlier variant serves them again): "
+                     + ", ".join(f"{r['key']} ({r['withdrawn']})" for r in taken) + ".")
     if summary["interpreter"]:
         lines.append("Times measure the Triton interpreter on the CPU, not a GPU: they show the loop "
                      "working, not GPU kernel speed.")
@@ -235,7 +239,7 @@ def run_llama_demo(runtime: Runtime, model, phases=TRAFFIC, phase_s: float = PHA
     finally:
         runtime.window_listeners.remove(arrived.put)
     drain()
-    return summarise(windows, list(runtime.deploys), phase_starts, interpreter)
+    return summarise(windows, list(runtime.deploys), phase_starts, interpreter, withdrawals=list(runtime.withdrawals))
 
 
 def run_llama_demo_loop(settings: Settings, nats_url: str | None = None, model: str = "kernelloop",

@@ -15,7 +15,7 @@ import nats
 from nats.errors import Error as NatsError
 
 from observer.dispatch import Dispatcher
-from observer.hotswap import DeployRecord, HotSwap
+from observer.hotswap import DeployRecord, HotSwap, Withdrawal
 from observer.windows import WindowAggregator
 from shared import subjects
 from shared.schemas import KernelStats
@@ -59,6 +59,11 @@ class Runtime:
     def deploys(self) -> list[DeployRecord]:
         """Registry entries swapped in here, oldest first."""
         return self.hotswap.deploys
+
+    @property
+    def withdrawals(self) -> list[Withdrawal]:
+        """Variants the registry took back from serving here (rollbacks, deleted keys), oldest first."""
+        return self.hotswap.withdrawals
 
     @property
     def refused(self) -> list[tuple[str, str]]:

@@ -117,8 +117,23 @@ async def test_registry_entry_is_hot_swapped_in_and_deletion_restores_the_fallba
         assert (deploy.key, deploy.variant_id, deploy.speedup, deploy.campaign_id, deploy.trace_id) == (
             KEY, entry.variant_id, 1.25, "camp-7", entry.trace_id)
 
+        assert runtime.withdrawals == []
+
+        # a better variant, then a person's rollback to the first: the second was withdrawn here
+        better = entry_for({"BLOCK": 256, "ROWS": 4, "num_warps": 2}, campaign_id="camp-8")
+        await kv.put(KEY, better.model_dump_json().encode())
+        assert await wait_for(lambda: runtime.serving("rmsnorm", "float16", "h256-r16") == better.variant_id, 10)
+        assert runtime.withdrawals == [], "a newer deploy replaces a variant; it does not withdraw it"
+        back = entry.model_copy(update={"approved_by": "erin", "previous_variant_id": better.variant_id})
+        await kv.put(KEY, back.model_dump_json().encode())
+        assert await wait_for(lambda: runtime.serving("rmsnorm", "float16", "h256-r16") == entry.variant_id, 10)
+        (rolled,) = runtime.withdrawals
+        assert (rolled.key, rolled.variant_id, rolled.replaced_by) == (KEY, better.variant_id, entry.variant_id)
+        assert "erin" in rolled.why
+
         await kv.delete(KEY)
         assert await wait_for(lambda: runtime.serving("rmsnorm", "float16", "h256-r16") is None, 10)
+        assert [(w.variant_id, w.replaced_by) for w in runtime.withdrawals[1:]] == [(entry.variant_id, None)]
     finally:
         runtime.close(timeout=0.5)  # no stream here: the last window has nowhere to go
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kernelloop.cli import build_parser
-from observer.hotswap import DeployRecord
+from observer.hotswap import DeployRecord, Withdrawal
 from observer.llama import PRESETS, TRAFFIC, LlamaConfig, fit
 from observer.llama_demo import choose_workload, first_phase, format_summary, summarise
 from shared.schemas import KernelKey, KernelStats
@@ -106,6 +106,25 @@ def test_a_deploy_past_the_target_or_older_than_the_traffic_is_reported_as_such(
     assert rows[late]["traffic_to_served_s"] == pytest.approx(149.0) and rows[late]["within_target"] is False
     assert rows[stale]["variant_id"] == "old" and rows[stale]["traffic_to_served_s"] is None
     assert "1 key(s) deployed and served; 0 within 120 s" in format_summary(summary)
+
+
+def test_a_deploy_the_registry_withdrew_is_reported_with_why_and_what_it_served():
+    slow, kept = "matmul.bfloat16.n4096-k4096-m1", "rmsnorm.bfloat16.h4096-r16"
+    windows = [window(slow, 0.0, 40, 10, 1200.0), window(slow, 60.0, 40, 10, 1500.0, "gemv"),
+               window(slow, 80.0, 40, 10, 1200.0), window(kept, 0.0, 40, 10, 300.0),
+               window(kept, 60.0, 40, 10, 60.0, "v1")]
+    back = Withdrawal(f"{HW}.{slow}", "gemv", None, "deleted from the registry", T0 + timedelta(seconds=75))
+    earlier = Withdrawal(f"{HW}.{kept}", "v0", "v1", "rolled back (erin)", T0 + timedelta(seconds=40))
+    summary = summarise(windows, [deploy(slow, 50.0, "gemv", 1.2), deploy(kept, 50.0)], PHASES, interpreter=False,
+                        withdrawals=[back, earlier])
+    rows = {r["key"].split(".", 1)[1]: r for r in summary["keys"]}
+    assert rows[slow]["withdrawn"] == "deleted from the registry"
+    assert rows[slow]["after_us_per_call"] == pytest.approx(150.0), "what it served while it served"
+    assert rows[slow]["before_us_per_call"] == pytest.approx(120.0)
+    assert rows[kept]["withdrawn"] is None, "an older variant's withdrawal is not the last deploy's"
+    table = format_summary(summary)
+    assert "| gemv (withdrawn: deleted from the registry) |" in table
+    assert f"1 of them withdrawn since (the fallback or an earlier variant serves them again): {HW}.{slow}" in table
 
 
 def test_a_window_belongs_to_the_last_phase_started_before_it_closed():
