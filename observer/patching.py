@@ -1,28 +1,25 @@
 """Module patching: a model's supported building blocks (RMSNorm, Gemma's 1 + weight RMSNorm too, the
 SwiGLU MLP, Phi-3's fused gate-up MLP, rotary embedding, nn.Softmax) served by kernelloop's ops in
-place, and undone by unpatch. Only a block that computes
-the same as the op on a probe input is swapped; the others are logged and left as they are.
+place, and undone by unpatch (the rotary part in observer/rotary_patch.py). Only a block that
+computes the same as the op on a probe input is swapped; the others are logged and left as they are.
 
     kernelloop.patch(model)              # in place; returns the model
     kernelloop.patched(model).swapped    # {"model.layers.0.mlp": "silu_and_mul", ...}
     kernelloop.unpatch(model)            # the original modules and functions again
 """
 import logging
-import threading
-import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from observer.probing import agrees, probe_input
+from observer.rotary_patch import ROTARY_NAME, patch_rotary, rotary_namespace
 from shared.ops import get_op
 
 log = logging.getLogger("kernelloop.observer")
 
-# Probe bar, relative norm error: a few roundings of the dtype. A look-alike that computes another
-# function (a GELU gate, interleaved rotary pairs) misses it by orders of magnitude.
-_PROBE_TOLERANCE = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 _STATE_ATTR = "_kernelloop_patch"
 
 
@@ -39,28 +36,6 @@ class _State:
     report: PatchReport
     undo: list[Callable[[], None]]
     hooked: set[int]  # ids of attention modules whose rotary goes through the op
-
-
-@torch.no_grad()
-def _agrees(expected: Callable, got: Callable, dtype: torch.dtype) -> bool:
-    """Whether two computations of a probe agree within the dtype's probe tolerance; what cannot
-    be run (weights on the meta device, say) does not agree."""
-    try:
-        want, have = expected(), got()
-    except Exception as e:
-        log.debug("patch: probe failed: %s", e)
-        return False
-    want = want if isinstance(want, tuple) else (want,)
-    have = have if isinstance(have, tuple) else (have,)
-    bar = _PROBE_TOLERANCE.get(dtype, 2e-2)
-    return len(want) == len(have) and all(
-        w.shape == h.shape and bool((w.float() - h.float()).norm() <= bar * w.float().norm())
-        for w, h in zip(want, have))
-
-
-def _probe(shape: tuple[int, ...], like: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=g).to(like.device, like.dtype)
 
 
 # ---- RMSNorm ------------------------------------------------------------------------------------
@@ -114,15 +89,15 @@ def _patch_rmsnorm(module: torch.nn.Module, ops) -> torch.nn.Module | None:
     if isinstance(module, torch.nn.RMSNorm):
         return patched
     weight = module.weight
-    probe = _probe((2, weight.shape[0]), weight)  # probe: [2, hidden]
+    probe = probe_input((2, weight.shape[0]), weight)  # probe: [2, hidden]
     probe_eps = eps if eps is not None else torch.finfo(probe.dtype).eps
     # against the reference, not the op: a probe is no call of the workload's
     reference = get_op("rmsnorm").reference
-    if _agrees(lambda: module(probe), lambda: reference(probe, weight, probe_eps), weight.dtype):
+    if agrees(lambda: module(probe), lambda: reference(probe, weight, probe_eps), weight.dtype):
         return patched
     # Gemma's (and others') x * rstd * (1 + weight): the weights of the two forms differ by one, so
     # at most one of the probes agrees
-    if _agrees(lambda: module(probe), lambda: reference(probe, weight + 1, probe_eps), weight.dtype):
+    if agrees(lambda: module(probe), lambda: reference(probe, weight + 1, probe_eps), weight.dtype):
         return _PatchedRMSNorm(module.weight, eps, ops.rmsnorm, offset=1.0)
     return None
 
@@ -178,7 +153,7 @@ def _is_swiglu(module: torch.nn.Module) -> bool:
 
 def _patch_swiglu(module: torch.nn.Module, ops) -> torch.nn.Module | None:
     gate, up = module.gate_proj, module.up_proj
-    probe = _probe((3, gate.in_features), gate.weight)  # probe: [3, hidden]
+    probe = probe_input((3, gate.in_features), gate.weight)  # probe: [3, hidden]
     reference = get_op("silu_and_mul").reference
 
     def fused():  # a copy: nothing of the module changes until the probe agrees
@@ -186,7 +161,7 @@ def _patch_swiglu(module: torch.nn.Module, ops) -> torch.nn.Module | None:
         bias = torch.cat((gate.bias, up.bias), 0) if gate.bias is not None else None
         return module.down_proj(reference(F.linear(probe, weight, bias)))
 
-    if not _agrees(lambda: module(probe), fused, gate.weight.dtype):
+    if not agrees(lambda: module(probe), fused, gate.weight.dtype):
         return None
     patched = _PatchedSwiGLU(module, ops.silu_and_mul)
     patched._fuse()
@@ -218,10 +193,10 @@ def _is_gate_up(module: torch.nn.Module) -> bool:
 
 def _patch_gate_up(module: torch.nn.Module, ops) -> torch.nn.Module | None:
     gate_up = module.gate_up_proj
-    probe = _probe((3, gate_up.in_features), gate_up.weight)  # probe: [3, hidden]
+    probe = probe_input((3, gate_up.in_features), gate_up.weight)  # probe: [3, hidden]
     reference = get_op("silu_and_mul").reference
     # a GELU gate or up-then-gate halves compute something else and stay
-    if not _agrees(lambda: module(probe), lambda: module.down_proj(reference(gate_up(probe))), gate_up.weight.dtype):
+    if not agrees(lambda: module(probe), lambda: module.down_proj(reference(gate_up(probe))), gate_up.weight.dtype):
         return None
     return _PatchedGateUp(module, ops.silu_and_mul)
 
@@ -246,125 +221,6 @@ def _patch_softmax(module: torch.nn.Module, ops) -> torch.nn.Module | None:
     # dim=None is torch's legacy implicit dim, which depends on the input's rank: left alone
     return _PatchedSoftmax(module.dim, ops.softmax) if module.dim is not None else None
 
-
-# ---- rotary embedding ---------------------------------------------------------------------------
-# Llama-family attention calls a module-level apply_rotary_pos_emb(q, k, cos, sin) of its modeling
-# file. That name is swapped for a dispatcher while any patched model of the family lives; it takes
-# the op only inside a patched attention module's forward (a per-thread depth its hooks keep), so
-# an unpatched model in the same process still runs the original function.
-
-_ROTARY_NAME = "apply_rotary_pos_emb"
-_inside = threading.local()
-_swapped_namespaces: dict[int, list] = {}  # id(namespace) -> [namespace, original, patched models]
-
-
-def _rotary_hf(q, k, cos, sin, unsqueeze_dim=1, *, rotary: Callable):
-    """HF's apply_rotary_pos_emb through the rotary op (GPT-NeoX layout), or None where the call is
-    not of the form the op serves. q, k: [batch, heads, seq, head_dim] (unsqueeze_dim=1) or
-    [batch, seq, heads, head_dim] (2); cos, sin: [batch or 1, seq, head_dim], both halves equal."""
-    if unsqueeze_dim not in (1, 2) or q.dim() != 4 or k.dim() != 4 or cos.dim() != 3 or sin.shape != cos.shape:
-        return None
-    batch, head_dim = q.shape[0], q.shape[-1]
-    seq = q.shape[2] if unsqueeze_dim == 1 else q.shape[1]
-    if head_dim % 2 or cos.shape[-1] != head_dim or cos.shape[1] != seq or cos.shape[0] not in (1, batch) \
-            or k.shape[0] != batch or k.shape[-1] != head_dim:
-        return None
-    half = head_dim // 2
-    c = cos[..., :half].expand(batch, seq, half).reshape(batch * seq, half)  # [tokens, half]
-    s = sin[..., :half].expand(batch, seq, half).reshape(batch * seq, half)
-
-    def rotate(x):
-        tokens_first = x.transpose(1, 2) if unsqueeze_dim == 1 else x  # [batch, seq, heads, head_dim]
-        heads = tokens_first.shape[2]
-        y = rotary(tokens_first.reshape(batch * seq, heads, head_dim), c, s, False)
-        y = y.view(batch, seq, heads, head_dim)
-        return y.transpose(1, 2) if unsqueeze_dim == 1 else y
-
-    return rotate(q), rotate(k)
-
-
-def _rotary_dispatcher(original: Callable, rotary: Callable) -> Callable:
-    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
-        if getattr(_inside, "depth", 0) and len(args) + len(kwargs) <= 1 and set(kwargs) <= {"unsqueeze_dim"}:
-            out = _rotary_hf(q, k, cos, sin, *args, **kwargs, rotary=rotary)
-            if out is not None:
-                return out
-        return original(q, k, cos, sin, *args, **kwargs)
-
-    apply_rotary_pos_emb.kernelloop_original = original
-    return apply_rotary_pos_emb
-
-
-def _rotary_namespace(module: torch.nn.Module) -> dict | None:
-    """The globals whose apply_rotary_pos_emb the module's forward calls, if it calls one."""
-    forward = type(module).forward
-    while hasattr(forward, "__wrapped__"):  # HF's deprecation and output decorators
-        forward = forward.__wrapped__
-    code, namespace = getattr(forward, "__code__", None), getattr(forward, "__globals__", None)
-    if code is None or _ROTARY_NAME not in code.co_names or not callable(namespace.get(_ROTARY_NAME)):
-        return None
-    return namespace
-
-
-def _rotary_probe_inputs(model: torch.nn.Module, head_dim: int, like: torch.Tensor) -> tuple:
-    """cos and sin as the model's own rotary embedding makes them for a few positions, else the
-    GPT-NeoX layout built here: the probe then checks the whole path, not the function alone."""
-    positions = torch.tensor([[0, 5, 17]], device=like.device)
-    for m in model.modules():
-        if type(m).__name__.endswith("RotaryEmbedding"):
-            try:
-                cos, sin = m(_probe((1, 3, head_dim), like), positions)
-                if cos.shape[-1] == head_dim:
-                    return cos, sin
-            except Exception as e:
-                log.debug("patch: %s did not make cos and sin for a probe: %s", type(m).__name__, e)
-    inv_freq = 10000.0 ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=like.device) / head_dim)
-    freqs = positions[..., None].float() * inv_freq  # [1, 3, half]
-    emb = torch.cat((freqs, freqs), -1)
-    return emb.cos().to(like.dtype), emb.sin().to(like.dtype)
-
-
-def _patch_rotary(model: torch.nn.Module, module: torch.nn.Module, namespace: dict, ops) -> Callable | None:
-    """Hooks the attention module; returns its undo, or None when the probe disagrees."""
-    like = next(module.parameters(), None)
-    head_dim = getattr(module, "head_dim", None)
-    if like is None or not isinstance(head_dim, int):
-        return None
-    entry = _swapped_namespaces.get(id(namespace))
-    original = entry[1] if entry else namespace[_ROTARY_NAME]
-    cos, sin = _rotary_probe_inputs(model, head_dim, like)
-    q, k = _probe((1, 2, 3, head_dim), like, seed=1), _probe((1, 1, 3, head_dim), like, seed=2)
-    reference = get_op("rotary").reference
-    if not _agrees(lambda: original(q, k, cos, sin), lambda: _rotary_hf(q, k, cos, sin, rotary=reference), like.dtype):
-        return None
-    if entry is None:
-        entry = _swapped_namespaces[id(namespace)] = [namespace, original, 0]
-        namespace[_ROTARY_NAME] = _rotary_dispatcher(original, ops.rotary)
-    entry[2] += 1
-
-    def enter(*_):
-        _inside.depth = getattr(_inside, "depth", 0) + 1
-
-    def leave(*_):
-        _inside.depth -= 1
-
-    handles = [module.register_forward_pre_hook(enter), module.register_forward_hook(leave, always_call=True)]
-
-    def release():
-        entry[2] -= 1
-        if entry[2] == 0:  # the last patched module of the family: the original function again
-            namespace[_ROTARY_NAME] = original
-            _swapped_namespaces.pop(id(namespace), None)
-
-    # a patched model dropped without unpatch releases the function too; runs once either way
-    released = weakref.finalize(module, release)
-
-    def undo():
-        for handle in handles:
-            handle.remove()
-        released()
-
-    return undo
 
 
 # ---- patch, patched, unpatch --------------------------------------------------------------------
@@ -414,11 +270,11 @@ def patch(model: torch.nn.Module) -> torch.nn.Module:
                 report.swapped[name] = op
                 report.left.pop(name, None)
             break
-        namespace = _rotary_namespace(module)
+        namespace = rotary_namespace(module)
         if namespace is not None and id(module) not in state.hooked:
-            undo = _patch_rotary(model, module, namespace, ops)
+            undo = patch_rotary(model, module, namespace, ops)
             if undo is None:
-                report.left[name] = f"{type(module).__name__}'s {_ROTARY_NAME} does not compute rotary on a probe"
+                report.left[name] = f"{type(module).__name__}'s {ROTARY_NAME} does not compute rotary on a probe"
                 log.warning("patch: %s (%s): rotary left as it is", name, type(module).__name__)
             else:
                 state.undo.append(undo)

@@ -151,7 +151,7 @@ def test_a_patched_llama_dropped_without_unpatch_gives_the_function_back():
 
     model = _llama()
     patch(model)
-    assert modeling_llama.apply_rotary_pos_emb.__module__ == "observer.patching"
+    assert modeling_llama.apply_rotary_pos_emb.__module__ == "observer.rotary_patch"
     del model
     gc.collect()
     assert modeling_llama.apply_rotary_pos_emb.__module__ == modeling_llama.__name__
