@@ -302,7 +302,7 @@ class ChangeDetector:
         z = (mean - level) / (sigma / math.sqrt(n))
         if z < self.post_deploy_z or mean - level < math.log(self.post_deploy_min_ratio):
             return None
-        return Alarm(1, math.exp(mean - level), n, math.exp(level), math.exp(mean))
+        return Alarm(1, math.exp(mean - level), n, math.exp(level), math.exp(mean), z=z)
 
     def _track_idle(self, state: _KeyState, share: float) -> bool:
         """True when a dormant key comes back; its tests restart from the new traffic."""
@@ -374,7 +374,11 @@ class ChangeDetector:
             return (f"{bucket} was idle (under {self.idle_share:.0%} of {where}'s time for at least "
                     f"{self.idle_windows} windows) and now takes {after.time_share:.1%} over {n} windows")
         noise = (state.time if reason == "regression" else state.rate).sigma()
-        if alarm.trimmed:
+        if alarm.z is not None:
+            test = (f"the deploy's own test: the mean of its first {alarm.windows} windows {alarm.z:.1f} standard "
+                    f"errors over the replaced variant's level, threshold {self.post_deploy_z:g} and "
+                    f"{self.post_deploy_min_ratio:g}x")
+        elif alarm.trimmed:
             test = f"three-window test: its two lower windows {self.cusum.trim_h:g} sigma over the level together"
         else:
             test = f"CUSUM on log values: k={self.cusum.k:g} sigma, h={self.cusum.h:g} sigma"

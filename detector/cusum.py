@@ -70,6 +70,7 @@ class Alarm:
     after: float
     drift: bool = False
     trimmed: bool = False  # raised by the three-window test, not the CUSUM
+    z: float | None = None  # the deploy's own test (detector/change.py): its mean in standard errors
 
 
 @dataclass

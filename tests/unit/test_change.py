@@ -110,7 +110,7 @@ def test_slower_variant_after_deploy_is_a_regression_after_deploy():
 
 def test_deploy_serving_1_35x_slower_is_caught_by_its_own_test():
     # under the CUSUM's min_ratio of 1.5: the deploy's one test on its first 8 windows finds it
-    found = []
+    found, tests = [], []  # tests: whether the event names that test as its evidence
     for seed in range(20):
         s = scenario("mild-regression", slots=90, seed=seed, at=60)
         hits = [h for h in detect(s, ChangeDetector(slot_s=s.slot_s)) if h.event.after_deploy]
@@ -118,7 +118,10 @@ def test_deploy_serving_1_35x_slower_is_caught_by_its_own_test():
         if hits:
             assert hits[0].event.reason == "regression" and hits[0].event.variant_id == "v-mild"
             assert hits[0].event.after.time_us_per_call > 1.1 * hits[0].event.before.time_us_per_call
+            own = "the deploy's own test: the mean of its first 8 windows"
+            tests.append(own in hits[0].event.detail and "CUSUM" not in hits[0].event.detail)
     assert sum(d <= 8 for d in found) >= 15, found
+    assert sum(tests) >= 10, "most of these are the deploy's own test's, and their evidence says so"
 
 
 def test_deploy_that_serves_the_same_raises_nothing():
