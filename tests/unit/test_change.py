@@ -182,9 +182,10 @@ def test_cusum_after_hold_judges_the_new_regime_against_the_old_level():
 
 
 def steady_cusum() -> Cusum:
-    """A test whose noise is known to be 0.2 (log units) and whose level is log 100."""
+    """A test whose noise is known to be 0.2 (log units) and whose level is log 100, learnt over
+    enough windows that the level's own error is about 1 % of the noise."""
     c = Cusum(CusumConfig(sigma_prior=0.2, prior_weight=1e9))
-    for _ in range(20):
+    for _ in range(200):
         c.update(100.0)
     return c
 
@@ -200,6 +201,13 @@ def test_three_windows_each_2_4_sigma_up_are_a_rise():
     alarm = c.update(at_z(2.4))
     assert alarm is not None and alarm.trimmed and alarm.direction == 1 and alarm.windows == 3
     assert alarm.ratio == pytest.approx(math.exp(0.48))
+
+
+def test_a_level_learnt_from_few_windows_asks_more_of_a_rise():
+    # the same three windows 2.4 sigma up, against a level from the 6 warm-up windows: that level
+    # is itself off by 0.4 sigma in one of three young keys, so the windows must clear its error too
+    c = Cusum(CusumConfig(sigma_prior=0.2, prior_weight=1e9))
+    assert [c.update(v) for v in [100.0] * 6 + [at_z(2.4)] * 3] == [None] * 9
 
 
 def test_one_burst_window_is_never_counted_by_the_three_window_test():
