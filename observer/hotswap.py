@@ -37,7 +37,6 @@ class DeployRecord:
     trace_id: str | None
     revision: int
     time: datetime
-    approved_by: str = ""
 
 
 @dataclass(frozen=True)
@@ -168,7 +167,7 @@ class HotSwap:
             self.withdrawals.append(Withdrawal(key, replaced, entry.variant_id, f"rolled back ({entry.approved_by})",
                                                now))
         self.deploys.append(DeployRecord(key, entry.variant_id, entry.speedup, entry.campaign_id,
-                                         entry.trace_id, revision, now, entry.approved_by))
+                                         entry.trace_id, revision, now))
         log.warning("registry: %s now served by %s (%.2fx, campaign %s)",
                     key, entry.variant_id, entry.speedup, entry.campaign_id)
 
