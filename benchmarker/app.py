@@ -9,8 +9,8 @@ from opentelemetry import trace
 from opentelemetry.trace import Tracer, TracerProvider
 
 from shared import subjects
-from shared.broker import durable_subscriber, make_broker, publish, stream
-from shared.schemas import BenchResult, VariantReady
+from shared.broker import durable_subscriber, make_broker, publish, replicas, stream
+from shared.schemas import BenchResult, Hardware, VariantReady
 from shared.settings import Settings
 
 from benchmarker.worker import MEMORY_GB, Stage, abort_all, benchmark, prepare
@@ -23,16 +23,37 @@ def build_app(settings: Settings, tracer_provider: TracerProvider | None = None)
     broker.publisher(subjects.BENCH_RESULT, stream=stream())  # declared for the AsyncAPI document
     tracer = trace.get_tracer("kernelloop.benchmarker", tracer_provider=tracer_provider)
     cache_dir = settings.state_dir / "variants"
+    recorded: set[str] = set()  # cards whose measured peaks this process has put in the hardware bucket
 
     @durable_subscriber(broker, subjects.VARIANT_READY)  # heartbeats hold the message while it runs
     async def on_variant_ready(variant: VariantReady) -> None:
         result = await benchmark_traced(tracer, variant, settings.bench_reps, settings.bench_timeout_s, cache_dir,
                                         settings.bench_memory_gb)
         await publish(broker, subjects.BENCH_RESULT, result)
+        measured = result.hardware
+        if measured.copy_gbps is not None and measured.device_id not in recorded:
+            try:
+                kv = await broker.key_value(subjects.HARDWARE_BUCKET, history=subjects.HARDWARE_HISTORY,
+                                            replicas=replicas())
+                if await record_peaks(kv, measured):
+                    recorded.add(measured.device_id)
+            except Exception as e:  # the result is out; a missed note of the peaks must not redo it
+                log.warning("could not record the measured peaks of %s: %s", measured.key, e)
 
     app.on_startup(prepare)
     app.on_shutdown(abort_all)
     return app
+
+
+async def record_peaks(kv, measured: Hardware) -> bool:
+    """Put what a worker measured on its GPU under the hardware key, for the hypothesis stage's
+    roofline; False (nothing written) where nothing was measured, as on the interpreter."""
+    if measured.copy_gbps is None or measured.matmul_tflops is None:
+        return False
+    await kv.put(measured.key, measured.model_dump_json().encode())
+    log.info("measured peaks of %s (%s): %.0f GB/s copy, %.0f TFLOP/s bf16 matmul", measured.key, measured.name,
+             measured.copy_gbps, measured.matmul_tflops)
+    return True
 
 
 async def benchmark_traced(tracer: Tracer, variant: VariantReady, reps: int, timeout_s: float,

@@ -24,7 +24,7 @@ from detector.replay import replay
 from shared import deadletters, subjects
 from shared.broker import (batch_subscriber, durable_subscriber, handle_each, make_broker, publish, replicas,
                            stream)
-from shared.schemas import Budget, Hypothesis, KernelKey, KernelStats, RegistryEntry, UsageChanged
+from shared.schemas import Budget, Hardware, Hypothesis, KernelKey, KernelStats, RegistryEntry, UsageChanged
 from shared.settings import Settings
 
 log = logging.getLogger("kernelloop.detector")
@@ -63,6 +63,20 @@ def build_app(settings: Settings, tracer_provider: TracerProvider | None = None)
             log.error("registry entry %s is not a RegistryEntry (%s); treating the key as unserved", key, e)
             return None
 
+    async def read_peaks(hardware: str):
+        """The roofline of a hardware key: measured by a benchmarker on it where one has, else
+        the datasheet's (detector/hypothesis.py peaks_for)."""
+        kv = await broker.key_value(subjects.HARDWARE_BUCKET, history=subjects.HARDWARE_HISTORY, replicas=replicas())
+        try:
+            entry = await kv.get(hardware)
+        except (KeyNotFoundError, KeyDeletedError):
+            return peaks_for(hardware)
+        try:
+            return peaks_for(hardware, Hardware.model_validate_json(entry.value))
+        except ValidationError as e:
+            log.error("hardware entry %s is not a Hardware (%s); using the datasheet", hardware, e)
+            return peaks_for(hardware)
+
     async def restore(raw=None) -> None:
         """Replay the last detector_replay_s of kernel.stats; up to raw (a live window's raw
         message) when given."""
@@ -98,7 +112,7 @@ def build_app(settings: Settings, tracer_provider: TracerProvider | None = None)
             try:
                 incumbent = incumbent_from(await read_registry(change.key))
                 h = build_hypothesis(change, detector.profile(change.key), incumbent, budget,
-                                     detector.time_us_per_call(change.key), peaks_for(change.key.hardware))
+                                     detector.time_us_per_call(change.key), await read_peaks(change.key.hardware))
             except ValueError:
                 continue  # the hypothesis stage refuses it with the reason; last in line here
             hypotheses[h.event_id] = (h, change)
@@ -147,7 +161,7 @@ def build_app(settings: Settings, tracer_provider: TracerProvider | None = None)
             entry = await read_registry(key)
             try:
                 hypothesis = build_hypothesis(event, detector.profile(key), incumbent_from(entry), budget,
-                                              detector.time_us_per_call(key), peaks_for(key.hardware),
+                                              detector.time_us_per_call(key), await read_peaks(key.hardware),
                                               time_share=getattr(detector.snapshot(key), "time_share", None))
             except ValueError as e:
                 # a bad-but-valid event: say which field, dead-letter it (which acks it), keep serving

@@ -5,8 +5,8 @@ import math
 from dataclasses import dataclass
 
 from shared.ops import get_op, torch_dtype
-from shared.schemas import (Budget, Campaign, Hypothesis, Incumbent, KernelKey, RegistryEntry, UsageChanged,
-                            WeightedShape)
+from shared.schemas import (Budget, Campaign, Hardware, Hypothesis, Incumbent, KernelKey, RegistryEntry,
+                            UsageChanged, WeightedShape)
 
 # Intensities below every listed ridge point are memory-bound on any of these GPUs.
 _MEMORY_BOUND_EVERYWHERE = "memory-bound on every GPU in the datasheet table"
@@ -19,7 +19,7 @@ class Peaks:
     name: str
     bandwidth_bytes_s: float
     flops_s: dict[str, float]  # dtype -> dense FLOP/s (tensor cores for 16-bit, CUDA cores for fp32)
-    source: str = "datasheet"
+    source: str = "from the datasheet"  # where the figures come from, as the evidence says it
 
     def ridge(self, dtype: str) -> float:
         """Arithmetic intensity (FLOP/byte) where the roofline turns from memory to compute."""
@@ -45,12 +45,20 @@ DATASHEET: tuple[tuple[tuple[str, ...], Peaks], ...] = (
 )
 
 
-def peaks_for(hardware: str) -> Peaks | None:
+def peaks_for(hardware: str, measured: Hardware | None = None) -> Peaks | None:
+    """The roofline of a hardware key: what a benchmarker measured on that kind of GPU where it
+    did (copy bandwidth, bf16 matmul rate; fp32 is not measured and comes from the datasheet),
+    else the datasheet row its device name matches."""
     tokens = set(hardware.lower().split("-"))
-    for needed, peaks in DATASHEET:
-        if tokens.issuperset(needed):
-            return peaks
-    return None
+    sheet = next((peaks for needed, peaks in DATASHEET if tokens.issuperset(needed)), None)
+    if measured is None or measured.copy_gbps is None or measured.matmul_tflops is None:
+        return sheet
+    rate = measured.matmul_tflops * 1e12
+    # Without a datasheet row the fp32 rate is unknown; the bf16 one stands in as an upper bound, so
+    # an fp32 kernel's efficiency reads low rather than high.
+    fp32, fp32_from = (sheet.flops_s["float32"], "the datasheet") if sheet else (rate, "the bf16 rate")
+    return Peaks(measured.name, measured.copy_gbps * 1e9, {"bfloat16": rate, "float16": rate, "float32": fp32},
+                 source=f"measured by a benchmarker (fp32 from {fp32_from})")
 
 
 def incumbent_from(entry: RegistryEntry | None) -> Incumbent:
@@ -93,7 +101,7 @@ def bound_hints(key: KernelKey, intensity: float, peaks: Peaks | None) -> list[s
     if peaks is not None:
         ridge = peaks.ridge(key.dtype)
         hints.insert(0, "memory-bound" if intensity < ridge else "compute-bound")
-        hints[1] += f" (ridge point of {peaks.name}: {ridge:.0f}, {peaks.source})"
+        hints[1] += f" (ridge point of {peaks.name}: {ridge:.0f}, peaks {peaks.source})"
         return hints
     ridges = [p.ridge(key.dtype) for _, p in DATASHEET]
     if intensity < min(ridges):
@@ -175,7 +183,7 @@ def build_hypothesis(event: UsageChanged, profile: list[WeightedShape] | None, i
         # time the roofline allows per call: bytes at peak bandwidth or FLOPs at peak rate
         roofline_us = max(bytes_moved / peaks.bandwidth_bytes_s, flops / peaks.flops_s[key.dtype]) * 1e6
         efficiency = min(1.0, roofline_us / observed_time_us_per_call)
-        details.append(f"efficiency {efficiency:.0%} of the {peaks.name} roofline ({peaks.source} peaks: "
+        details.append(f"efficiency {efficiency:.0%} of the {peaks.name} roofline (peaks {peaks.source}: "
                        f"{peaks.bandwidth_bytes_s / 1e12:.2f} TB/s, {peaks.flops_s[key.dtype] / 1e12:.0f} "
                        f"TFLOP/s {key.dtype}); {observed_time_us_per_call:.2f} us per call vs "
                        f"{roofline_us:.2f} us at the roofline")

@@ -24,7 +24,7 @@ ROLES = {
     "observer": Role((subjects.KERNEL_STATS,), (subjects.TRACE_SUMMARY_BUCKET,), (subjects.TRACE_OBJECT_BUCKET,)),
     "detector": Role((subjects.USAGE_CHANGED, subjects.HYPOTHESIS), (subjects.DETECTOR_BUCKET,)),
     "generator": Role((subjects.VARIANT_READY,), (subjects.PROGRAM_BUCKET,)),
-    "benchmarker": Role((subjects.BENCH_RESULT,)),
+    "benchmarker": Role((subjects.BENCH_RESULT,), (subjects.HARDWARE_BUCKET,)),
     "deployer": Role((subjects.DEPLOY, subjects.DEPLOY_PENDING, subjects.REFINE),
                      (subjects.REGISTRY_BUCKET, subjects.CAMPAIGN_BUCKET)),
     # The inference process (observer SDK): publishes its stats; reads and watches the registry.

@@ -34,6 +34,10 @@ GENERATOR_RESULTS_DURABLE = "generator-results"
 # The detector's campaign guard: kernel key -> the campaign started for it (no second while in flight).
 DETECTOR_BUCKET = "kernelloop-detector"
 DETECTOR_HISTORY = 1
+# What each kind of GPU really does: <hardware> -> the Hardware a benchmarker measured on it (copy
+# bandwidth, bf16 matmul rate), for the hypothesis stage's roofline.
+HARDWARE_BUCKET = "kernelloop-hardware"
+HARDWARE_HISTORY = 1
 # The deployer's second consumer of usage.changed: regressions after a deploy, answered by a rollback.
 REGRESSION_DURABLE = "deployer-regression"
 # Profiler traces: an object-store inbox the observer ingests and empties, and what it made of each

@@ -13,7 +13,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from detector.app import build_app
 from shared import subjects
-from shared.schemas import DeadLetter, Hypothesis, KernelKey, KernelStats, RegistryEntry, ShapeCount, UsageChanged, WeightedShape
+from shared.schemas import (DeadLetter, Hardware, Hypothesis, KernelKey, KernelStats, RegistryEntry, ShapeCount,
+                            UsageChanged, UsageSnapshot, WeightedShape)
 from shared.settings import Settings
 
 pytestmark = pytest.mark.nats
@@ -111,6 +112,29 @@ async def test_manual_event_gets_example_shapes_and_the_registry_incumbent(js):
     assert [(w.shape, w.weight) for w in hypothesis.campaign.profile] == [([4096, 512], 1.0)]
     assert hypothesis.campaign.incumbent.variant_id == "v-prefill"
     assert hypothesis.campaign.incumbent.params == {"BLOCK": 512, "ROWS": 4}
+
+
+async def test_the_roofline_is_what_a_benchmarker_measured_on_the_card(js):
+    from benchmarker.app import record_peaks
+
+    kv = await js.create_key_value(KeyValueConfig(bucket=subjects.HARDWARE_BUCKET, history=subjects.HARDWARE_HISTORY))
+    cpu = Hardware(key="cpu-interpreter", name="CPU (Triton interpreter)", interpreter=True, torch="2", triton="3")
+    assert not await record_peaks(kv, cpu), "the interpreter measures no peaks"
+    card = Hardware(key="nvidia-h100-80gb-hbm3", name="NVIDIA H100 80GB HBM3", interpreter=False, torch="2.11",
+                    triton="3.6", device_id="GPU-1", copy_gbps=2000.0, matmul_tflops=700.0)
+    assert await record_peaks(kv, card)
+    hypotheses = await js.pull_subscribe(subjects.HYPOTHESIS, stream=subjects.STREAM_NAME)
+
+    key = KernelKey(hardware=card.key, op="rmsnorm", dtype="bfloat16", bucket="h4096-r4k")
+    bytes_moved = (2 * 4096 * 4096 + 4096) * 2
+    at_roofline_us = bytes_moved / 2000e9 * 1e6  # at the measured 2.0 TB/s, not the datasheet's 3.35
+    await publish_raw(js, subjects.USAGE_CHANGED, UsageChanged(
+        key=key, reason="manual", after=UsageSnapshot(windows=2, calls=100, time_share=0.5,
+                                                      time_us_per_call=4 * at_roofline_us)))
+    (msg,) = await hypotheses.fetch(1, timeout=20)
+    hypothesis = Hypothesis.model_validate_json(msg.data)
+    assert hypothesis.efficiency == pytest.approx(0.25)
+    assert "peaks measured by a benchmarker" in hypothesis.detail and "2.00 TB/s" in hypothesis.detail
 
 
 async def test_unknown_op_is_dead_lettered_naming_the_field_and_the_stage_keeps_serving(js, nats_url):

@@ -4,7 +4,8 @@ import pytest
 
 from detector.hypothesis import (build_hypothesis, hypothesis_event_id, incumbent_from, peaks_for, rank, shape_hints,
                                  worth_a_campaign)
-from shared.schemas import Budget, Incumbent, KernelKey, RegistryEntry, UsageChanged, UsageSnapshot, WeightedShape
+from shared.schemas import (Budget, Hardware, Incumbent, KernelKey, RegistryEntry, UsageChanged, UsageSnapshot,
+                            WeightedShape)
 
 CPU = KernelKey(hardware="cpu-interpreter", op="rmsnorm", dtype="float16", bucket="h4096-r16")
 H100 = KernelKey(hardware="nvidia-h100-80gb-hbm3", op="rmsnorm", dtype="bfloat16", bucket="h4096-r4k")
@@ -103,6 +104,29 @@ def test_datasheet_matches_device_name_tokens():
     assert peaks_for("nvidia-h100-pcie").name == "H100 PCIe"
     assert peaks_for("nvidia-h200").bandwidth_bytes_s == pytest.approx(4.8e12)
     assert peaks_for("nvidia-h100-80gb-hbm3").flops_s["bfloat16"] == pytest.approx(989e12)
+
+
+def measured_h100(copy_gbps=3033.0, matmul_tflops=790.0, key="nvidia-h100-80gb-hbm3") -> Hardware:
+    return Hardware(key=key, name="NVIDIA H100 80GB HBM3", interpreter=False, torch="2.11", triton="3.6",
+                    copy_gbps=copy_gbps, matmul_tflops=matmul_tflops)
+
+
+def test_efficiency_against_the_peaks_a_benchmarker_measured_on_the_card():
+    profile = [WeightedShape(shape=[4096, 4096], weight=1.0)]
+    roofline_us = (2 * 4096 * 4096 + 4096) * 2 / 3.033e12 * 1e6  # bf16 bytes at the measured 3.03 TB/s
+    peaks = peaks_for(H100.hardware, measured_h100())
+    h = build_hypothesis(observed(H100, share=0.4, us=2 * roofline_us, profile=profile), None, Incumbent(),
+                         DEFAULT_BUDGET, None, peaks)
+    assert h.efficiency == pytest.approx(0.5)
+    assert "peaks measured by a benchmarker (fp32 from the datasheet): 3.03 TB/s, 790 TFLOP/s" in h.detail
+    assert peaks.flops_s["float32"] == pytest.approx(67e12)  # not measured: the datasheet's
+
+
+def test_measured_peaks_need_both_figures_and_stand_alone_for_a_card_the_datasheet_lacks():
+    assert peaks_for(H100.hardware, measured_h100(copy_gbps=None)).source == "from the datasheet"
+    unknown = peaks_for("nvidia-l40s", measured_h100(copy_gbps=800.0, matmul_tflops=300.0, key="nvidia-l40s"))
+    assert unknown.bandwidth_bytes_s == pytest.approx(800e9)
+    assert unknown.flops_s["float32"] == pytest.approx(300e12) and "bf16 rate" in unknown.source
 
 
 def test_hypothesis_id_follows_the_usage_changed_id():
