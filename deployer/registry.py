@@ -9,6 +9,7 @@ from nats.js.kv import KeyValue
 
 from shared import subjects
 from shared.broker import replicas
+from shared.history import takes_back
 from shared.schemas import KernelKey, RegistryEntry
 from shared.variants import variant_id
 
@@ -36,10 +37,7 @@ def withdrawn(history: list[Revision]) -> dict[str, str]:
             continue
         if after.entry is None:
             out[before.entry.variant_id] = f"removed at revision {after.revision}"
-        elif after.entry.variant_id != before.entry.variant_id and (
-                after.entry.approved_by.startswith("rollback") or after.entry.variant_id in served):
-            # a person's rollback is approved by that person, so a rollback is also known by its
-            # shape: the key goes back to a variant that served it before
+        elif takes_back(before.entry.variant_id, after.entry, served):
             out[before.entry.variant_id] = f"rolled back at revision {after.revision} ({after.entry.approved_by})"
         served.add(before.entry.variant_id)
     return out

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from observer.dispatch import Dispatcher, Served, verify_and_load
 from shared import subjects
+from shared.history import takes_back
 from shared.ops import get_op, torch_dtype
 from shared.schemas import KernelKey, RegistryEntry
 
@@ -160,10 +161,7 @@ class HotSwap:
             self.dispatcher.install(key, Served(entry.variant_id, launch, entry))
             span.set_attribute("status", "ok")
         now = datetime.now(timezone.utc)
-        # as the registry's history tells it (deployer/registry.py withdrawn): back to a variant
-        # that served here before is a rollback, whoever approved it
-        back = any(d.key == key and d.variant_id == entry.variant_id for d in self.deploys)
-        if replaced is not None and (back or entry.approved_by.startswith("rollback")):
+        if takes_back(replaced, entry, {d.variant_id for d in self.deploys if d.key == key}):
             self.withdrawals.append(Withdrawal(key, replaced, entry.variant_id, f"rolled back ({entry.approved_by})",
                                                now))
         self.deploys.append(DeployRecord(key, entry.variant_id, entry.speedup, entry.campaign_id,

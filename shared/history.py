@@ -15,6 +15,14 @@ from shared.schemas import (BY_SUBJECT, BenchResult, Deploy, DeployApproval, Dep
                             KernelStats, ProfilerTrace, Refine, RegistryEntry, UsageChanged, VariantReady)
 
 
+def takes_back(replaced: str | None, entry: RegistryEntry, served_before: set[str]) -> bool:
+    """Whether a registry entry that replaces the variant `replaced` is a rollback: approved as one
+    by the deployer, or back to a variant that served the key before (a person's rollback is
+    approved by that person, so it is known by its shape). A new variant replacing one is not."""
+    return replaced is not None and entry.variant_id != replaced and (
+        entry.approved_by.startswith("rollback") or entry.variant_id in served_before)
+
+
 @dataclass
 class Kept:
     """One event as the stream keeps it."""
