@@ -1,5 +1,5 @@
 """One decode step (batch 1 and 32, 1k tokens of context) and one 2k-token prefill of the Llama-style
-stack (observer/llama.py, Llama-3-8B dims, random weights) end to end: torch eager, torch.compile
+stack (observer/demos/llama.py, Llama-3-8B dims, random weights) end to end: torch eager, torch.compile
 (default mode), and kernelloop's ops serving the variants that the ops benchmark of the same run
 found faster than eager for their shape bucket (as the deployer's gate would), else the fallback.
 Decode is also timed as a CUDA graph replay for eager and kernelloop, as servers run it.
@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 from bench import harness
-from observer.dispatch import Served
-from observer.llama import PRESETS, Llama, Phase, torch_ops
-from observer.sdk import _dispatcher, ops
+from observer.demos.llama import PRESETS, Llama, Phase, torch_ops
+from observer.sdk import customops, ops
+from observer.sdk.dispatch import Served
 from shared import hardware
 from shared.ops import get_op
 from shared.schemas import RegistryEntry
@@ -34,10 +34,10 @@ def install_winners(rows: list[dict], dtype: str) -> list[str]:
             continue
         op = get_op(r["op"])
         source, vid = harness.source_of(r["op"], r["best_params"])
-        key = _dispatcher.key(r["op"], dtype, op.shape_bucket(r["shape"]))
+        key = customops.dispatcher.key(r["op"], dtype, op.shape_bucket(r["shape"]))
         entry = RegistryEntry(variant_id=vid, source=source, params=r["best_params"], speedup=r["speedup_vs_eager"],
                               campaign_id="bench", approved_by="bench")
-        _dispatcher.install(key, Served(vid, harness.load(r["op"], r["best_params"]), entry))
+        customops.dispatcher.install(key, Served(vid, harness.load(r["op"], r["best_params"]), entry))
         keys.append(key)
     return keys
 

@@ -1,4 +1,4 @@
-"""Cost of the sampling observer: steps per second of the Llama-style stack (observer/llama.py,
+"""Cost of the sampling observer: steps per second of the Llama-style stack (observer/demos/llama.py,
 torch's own ops: a model that calls no kernelloop op) run plainly and through observe(step) at the
 default rate (KERNELLOOP_PROFILE_EVERY, KERNELLOOP_PROFILE_ACTIVE), publishing to a local
 nats-server. Rounds alternate plain and observed so drift on a shared host hits both alike.
@@ -20,9 +20,9 @@ import torch
 from torch.profiler import ProfilerAction
 
 from bench import harness
-from observer.llama import PRESETS, Llama, torch_ops
-from observer.sampling import profiler_schedule
+from observer.demos.llama import PRESETS, Llama, torch_ops
 from observer.sdk import observe
+from observer.sdk.sampling import profiler_schedule
 from shared import hardware, nats_server
 from shared.settings import Settings
 
@@ -141,7 +141,7 @@ def measure(preset: str, batch: int, seq: int, rounds: int, steps: int, device: 
 def main() -> None:
     settings = Settings()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default=None, help="observer/llama.py preset (tiny on the CPU, 8b on a GPU)")
+    parser.add_argument("--preset", default=None, help="observer/demos/llama.py preset (tiny on the CPU, 8b on a GPU)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seq", type=int, default=1, help="1: decode steps; more: prefills")
     parser.add_argument("--rounds", type=int, default=7)

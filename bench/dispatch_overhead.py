@@ -13,11 +13,11 @@ import time
 import torch
 
 from bench import harness
-from observer.dispatch import Served
-from observer.sdk import _dispatcher, ops
-from observer.windows import WindowAggregator
+from observer.sdk import customops, ops
+from observer.sdk.dispatch import Served
 from shared.ops import get_op
 from shared.schemas import RegistryEntry
+from shared.windows import WindowAggregator
 
 SHAPE = [1, 4096]
 
@@ -43,25 +43,26 @@ def measure(params: dict | None = None) -> dict:
     launch = harness.load("rmsnorm", params)
     x, w = op.make_inputs(SHAPE, torch.bfloat16, "cuda", seed=0)
     eps = 1e-6
-    key = _dispatcher.key("rmsnorm", "bfloat16", op.shape_bucket(SHAPE))
+    table = customops.dispatcher  # the SDK's one dispatch table, which ops.rmsnorm calls
+    key = table.key("rmsnorm", "bfloat16", op.shape_bucket(SHAPE))
     entry = RegistryEntry(variant_id=vid, source=source, params=params, speedup=1.0, campaign_id="bench",
                           approved_by="bench")
-    _dispatcher.install(key, Served(vid, launch, entry))
+    table.install(key, Served(vid, launch, entry))
     try:
         direct = _per_call_us(launch, (x, w, eps))
-        dispatcher = _per_call_us(lambda *a: _dispatcher.call("rmsnorm", *a), (x, w, eps))
+        dispatcher = _per_call_us(lambda *a: table.call("rmsnorm", *a), (x, w, eps))
         custom = _per_call_us(ops.rmsnorm, (x, w, eps))
         through_torch = _per_call_us(ops.rmsnorm.custom_op, (x, w, eps))
-        _dispatcher.windows = WindowAggregator(_dispatcher.hardware, "bench", start=time.time())
-        _dispatcher.sample_every = 8
+        table.windows = WindowAggregator(table.hardware, "bench", start=time.time())
+        table.sample_every = 8
         observed = _per_call_us(ops.rmsnorm, (x, w, eps))
-        _dispatcher.windows = None
-        _dispatcher.resolve_timings()
+        table.windows = None
+        table.resolve_timings()
         graph_ok = _graph_replays(x, w, eps, launch)
         compiled_ok = _compiled_matches(x, w, eps, launch)
     finally:
-        _dispatcher.remove(key)
-        _dispatcher.windows = None
+        table.remove(key)
+        table.windows = None
     return {"variant launched directly": direct, "Dispatcher.call": dispatcher,
             "ops.rmsnorm (eager: straight to the dispatcher)": custom,
             "torch.ops.kernelloop.rmsnorm (the torch.library op, as compiled graphs call it)": through_torch,

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from shared import hardware
-from shared.ops import get_op, torch_dtype
+from shared.ops import get_op, torch_dtype, use_user_ops, user_ops_folder
 from shared.schemas import BenchResult, Campaign, ShapeTiming, VariantReady
 from shared.variants import load, load_measured, render, static_problems, variant_id
 
@@ -144,7 +144,8 @@ def _run_child(variant: VariantReady, reps: int, timeout_s: float, cache_dir: Pa
     ctx = _context()
     receiver, sender = ctx.Pipe(duplex=False)
     child = ctx.Process(target=_child_main,
-                        args=(sender, variant.model_dump_json(), reps, str(cache_dir), seed, memory_gb),
+                        args=(sender, variant.model_dump_json(), reps, str(cache_dir), seed, memory_gb,
+                              user_ops_folder()),
                         name=f"bench-{variant.variant_id}", daemon=True)
     with _LIVE_LOCK:
         child.start()  # blocks until the fork server is up, so its start-up is outside the deadline
@@ -208,8 +209,10 @@ def _summarise(times: list[dict], seed: int) -> dict[str, Any]:
 # ---- child: everything below runs in the worker process ----------------------------------------
 
 
-def _child_main(conn, variant_json: str, reps: int, cache_dir: str, seed: int, memory_gb: float) -> None:
+def _child_main(conn, variant_json: str, reps: int, cache_dir: str, seed: int, memory_gb: float,
+                user_ops: Path | None) -> None:
     limit_memory(memory_gb)
+    use_user_ops(user_ops)  # a fork-server child inherits none of the parent's start-up settings
     variant = VariantReady.model_validate_json(variant_json)
     measured: dict[str, str] = {}
     try:

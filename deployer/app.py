@@ -9,11 +9,11 @@ from opentelemetry.trace import TracerProvider
 
 from deployer import regression
 from deployer.campaign import AUTO_GATE, CampaignStore, approval_needed, record
-from deployer.registry import Registry, withdrawn
 from deployer.queue import watch_benchmark_queue
 from deployer.rollout import carry_out, current_trace_id, decide_approval
 from shared import subjects
 from shared.broker import durable_subscriber, make_broker, stream
+from shared.registry import Registry, withdrawn
 from shared.schemas import BenchResult, Deploy, DeployApproval
 from shared.settings import Settings
 from shared.telemetry import LoopMetrics

@@ -6,55 +6,25 @@ and applies a transition with compare-and-set on the entry's revision, so two de
 handling results of the same round never lose one.
 """
 import asyncio
-import hashlib
 import random
-import re
 from dataclasses import dataclass
 from typing import Callable, Literal, TypeVar
 
 import nats.js.errors
 from faststream.nats import NatsBroker
 from nats.js.kv import KeyValue
-from pydantic import Field
 
 from deployer.gate import Decision, decide
 from shared import subjects
 from shared.broker import replicas
-from shared.schemas import BenchResult, Campaign, Failure, Model, Refine, Scored
+from shared.registry import campaign_key
+from shared.schemas import BenchResult, Campaign, CampaignState, Failure, Refine, Scored
 from shared.variants import variant_id
 
-CampaignStatus = Literal["running", "deployed", "exhausted", "awaiting_approval", "rejected"]
 DeployPolicy = Literal["auto", "manual", "manual_above"]
 AUTO_GATE = "auto-gate"
 KEEP_BEST = 8  # scored candidates handed to the next round
 KEEP_FAILURES = 32  # enough for a generator to see patterns, small enough for one KV value
-
-
-class CampaignState(Model):
-    campaign: Campaign
-    status: CampaignStatus = "running"
-    # Open rounds: round -> variant_id -> result. A round leaves this map when it completes.
-    results: dict[int, dict[str, BenchResult]] = Field(default_factory=dict)
-    rounds_done: int = 0
-    closed: list[int] = Field(default_factory=list)  # rounds that completed, in order
-    best: list[Scored] = Field(default_factory=list)  # best first, over every completed round
-    failures: list[Failure] = Field(default_factory=list)
-    tried: list[str] = Field(default_factory=list)  # variant ids of completed rounds
-    # What the deployer owes after a round closed; cleared once done, so a crash in between is
-    # finished by whichever replica sees the campaign next.
-    pending: Literal["refine", "deploy"] | None = None
-    next_round: int | None = None
-    winner: BenchResult | None = None  # the round's winner, to deploy now or on approval
-    approved_by: str | None = None
-    deployed_revision: int | None = None
-    reason: str = ""  # the last decision, in words
-    trace_id: str | None = None  # the trace in which the deciding round closed
-    span_id: str | None = None  # the span that closed it: a person's decision joins the trace there
-    announced: bool = False  # deploy.pending went out for the winner awaiting approval
-    rejected_by: str | None = None
-    # variant_id -> the span that recorded its result, while its round is open: the span that closes
-    # the round links them all, since its decision fans in from every result.
-    result_spans: dict[str, str] = Field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -220,15 +190,7 @@ def mark_abandoned(state: CampaignState, reason: str) -> CampaignState:
 
 # ---- the KV-backed store ------------------------------------------------------------------------
 
-_VALID_KEY = re.compile(r"^[-/_=a-zA-Z0-9]+(\.[-/_=a-zA-Z0-9]+)*$")
 T = TypeVar("T")
-
-
-def state_key(campaign_id: str) -> str:
-    """The KV key of a campaign; a hand-written id that is no valid key is hashed instead."""
-    if _VALID_KEY.match(campaign_id):
-        return campaign_id
-    return "c-" + hashlib.sha256(campaign_id.encode()).hexdigest()[:32]
 
 
 class CampaignStore:
@@ -243,7 +205,7 @@ class CampaignStore:
 
     async def _read(self, campaign_id: str) -> tuple[CampaignState | None, int]:
         try:
-            entry = await self.kv.get(state_key(campaign_id))
+            entry = await self.kv.get(campaign_key(campaign_id))
         except nats.js.errors.KeyNotFoundError:
             return None, 0
         return CampaignState.model_validate_json(entry.value), entry.revision
@@ -262,9 +224,9 @@ class CampaignStore:
             value = new.model_dump_json().encode()
             try:
                 if revision:
-                    await self.kv.update(state_key(campaign_id), value, last=revision)
+                    await self.kv.update(campaign_key(campaign_id), value, last=revision)
                 else:
-                    await self.kv.create(state_key(campaign_id), value)
+                    await self.kv.create(campaign_key(campaign_id), value)
                 return new, out
             except nats.js.errors.KeyWrongLastSequenceError:
                 # Another replica wrote first; a short random pause keeps two from colliding again.

@@ -68,7 +68,7 @@ def describe(result: BenchResult) -> str:
 
 def decide(results: list[BenchResult], margin: float, withdrawn: dict[str, str] | None = None) -> Decision:
     """Deploy the deployable candidate with the best weighted speedup, or say why none is.
-    withdrawn: variants taken off this key before (deployer/registry.py), never chosen again here."""
+    withdrawn: variants taken off this key before (shared/registry.py), never chosen again here."""
     if not results:
         return Decision(False, None, None, "no results in the round")
     withdrawn = withdrawn or {}

@@ -12,9 +12,9 @@ from faststream.nats import ConsumerConfig, NatsBroker, PullSub
 from opentelemetry import trace
 from opentelemetry.trace import Tracer
 
-from deployer.registry import Registry, StaleRevision
 from shared import subjects
 from shared.broker import publish, stream
+from shared.registry import Registry, StaleRevision
 from shared.schemas import Deploy, UsageChanged
 
 log = logging.getLogger("kernelloop.deployer")

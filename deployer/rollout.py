@@ -8,12 +8,12 @@ from faststream.nats import NatsBroker
 from opentelemetry import trace
 from opentelemetry.trace import Tracer
 
-from deployer.campaign import (AUTO_GATE, CampaignState, CampaignStore, grant_approval, mark_abandoned, mark_announced,
-                               mark_deployed, mark_refined, refine_event, reject_deploy)
-from deployer.registry import Registry, StaleRevision
+from deployer.campaign import (AUTO_GATE, CampaignStore, grant_approval, mark_abandoned, mark_announced, mark_deployed,
+                               mark_refined, refine_event, reject_deploy)
 from shared import subjects
 from shared.broker import publish
-from shared.schemas import Deploy, DeployApproval, DeployPending, Refine, RegistryEntry
+from shared.registry import Registry, StaleRevision
+from shared.schemas import CampaignState, Deploy, DeployApproval, DeployPending, Refine, RegistryEntry
 
 log = logging.getLogger("kernelloop.deployer")
 

@@ -5,26 +5,23 @@ the expected gain is worth it and no campaign for the key is in flight.
 The stats consumer keeps its state in memory and rebuilds it from the stream when it starts
 (detector/replay.py): run one replica of it per stream (its durable is a work queue, so two replicas
 would each see half the windows and misjudge every share)."""
-import asyncio
 import logging
-from datetime import datetime, timedelta, timezone
 
 from faststream import Context, FastStream
 from faststream.nats.message import NatsBatchMessage
-from nats.js.errors import KeyDeletedError, KeyNotFoundError
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Link, Status, StatusCode, TracerProvider
-from pydantic import ValidationError
 
 from detector.change import ChangeDetector
-from detector.hypothesis import build_hypothesis, incumbent_from, peaks_for, rank, worth_a_campaign
+from detector.hypothesis import build_hypothesis, incumbent_from, worth_a_campaign
 from detector.inflight import CampaignGuard
-from detector.replay import replay
+from detector.lookups import Lookups, learn_promise
+from detector.ranking import by_expected_gain
+from detector.replay import Restorer, replay
 from shared import deadletters, subjects
-from shared.broker import (batch_subscriber, durable_subscriber, handle_each, make_broker, publish, replicas,
-                           stream)
-from shared.schemas import Budget, Hardware, Hypothesis, KernelKey, KernelStats, RegistryEntry, UsageChanged
+from shared.broker import batch_subscriber, durable_subscriber, handle_each, make_broker, publish, stream
+from shared.schemas import Budget, Hypothesis, KernelStats, UsageChanged
 from shared.settings import Settings
 
 log = logging.getLogger("kernelloop.detector")
@@ -40,84 +37,14 @@ def build_app(settings: Settings, tracer_provider: TracerProvider | None = None)
     detector = ChangeDetector(min_time_share=settings.min_time_share, confirm_windows=settings.confirm_windows,
                               cooldown_s=settings.cooldown_s, slot_s=settings.window_s)
     budget = Budget(rounds=settings.rounds, variants_per_round=settings.variants_per_round)
-    # The stream sequence up to which windows were replayed into the detector after the start; the
-    # live consumer skips those. Either handler may restore first: the hypothesis stage needs the
-    # profile as much as the change detector needs its levels.
-    restored: list[int] = []
-    restoring = asyncio.Lock()
+    lookups = Lookups(broker)  # the registry, the measured peaks, the campaign guard's buckets
+    restorer = Restorer(lambda since, before: replay(broker.connection.jetstream(), detector, since, before),
+                        settings.detector_replay_s)
     # Declared for the AsyncAPI document; messages go out through shared.broker.publish.
     broker.publisher(subjects.USAGE_CHANGED, stream=stream(), schema=UsageChanged, title="usage.changed",
                      description="a kernel key whose usage changed, with evidence")
     broker.publisher(subjects.HYPOTHESIS, stream=stream(), schema=Hypothesis, title="hypothesis",
                      description="a campaign: key, workload profile, incumbent, headroom, budget")
-
-    async def read_registry(key: KernelKey) -> RegistryEntry | None:
-        kv = await broker.key_value(subjects.REGISTRY_BUCKET, history=subjects.REGISTRY_HISTORY, replicas=replicas())
-        try:
-            entry = await kv.get(str(key))
-        except (KeyNotFoundError, KeyDeletedError):  # never deployed, or deleted since
-            return None
-        try:
-            return RegistryEntry.model_validate_json(entry.value)
-        except ValidationError as e:
-            log.error("registry entry %s is not a RegistryEntry (%s); treating the key as unserved", key, e)
-            return None
-
-    async def read_peaks(hardware: str):
-        """The roofline of a hardware key: measured by a benchmarker on it where one has, else
-        the datasheet's (detector/hypothesis.py peaks_for)."""
-        kv = await broker.key_value(subjects.HARDWARE_BUCKET, history=subjects.HARDWARE_HISTORY, replicas=replicas())
-        try:
-            entry = await kv.get(hardware)
-        except (KeyNotFoundError, KeyDeletedError):
-            return peaks_for(hardware)
-        try:
-            return peaks_for(hardware, Hardware.model_validate_json(entry.value))
-        except ValidationError as e:
-            log.error("hardware entry %s is not a Hardware (%s); using the datasheet", hardware, e)
-            return peaks_for(hardware)
-
-    async def restore(raw=None) -> None:
-        """Replay the last detector_replay_s of kernel.stats; up to raw (a live window's raw
-        message) when given."""
-        async with restoring:
-            if restored:
-                return
-            meta = getattr(raw, "metadata", None) if raw is not None and getattr(raw, "reply", None) else None
-            since = datetime.now(timezone.utc) - timedelta(seconds=settings.detector_replay_s)
-            done = await replay(broker.connection.jetstream(), detector, since,
-                                meta.sequence.stream if meta else None)
-            restored.append(meta.sequence.stream - 1 if meta else done.last_seq)
-            log.info("rebuilt the workload profile from %d kernel.stats windows of the last %.0f s",
-                     done.windows, settings.detector_replay_s)
-
-    def replayed(raw) -> bool:
-        meta = raw.metadata if getattr(raw, "reply", None) else None
-        return meta is not None and meta.sequence.stream <= restored[0]
-
-    async def learn_promise(stats: KernelStats) -> None:
-        """What the benchmark measured for the variant now serving, for the evidence of a regression."""
-        if stats.variant_id is None or detector.knows_variant(stats.key, stats.variant_id):
-            return
-        entry = await read_registry(stats.key)
-        speedup = entry.speedup if entry is not None and entry.variant_id == stats.variant_id else None
-        detector.promise(stats.key, stats.variant_id, speedup)
-
-    async def by_expected_gain(changes: list[UsageChanged]) -> list[UsageChanged]:
-        """Changes found together, the biggest expected gain first, so its campaign starts first."""
-        if len(changes) < 2:
-            return changes
-        hypotheses = {}
-        for change in changes:
-            try:
-                incumbent = incumbent_from(await read_registry(change.key))
-                h = build_hypothesis(change, detector.profile(change.key), incumbent, budget,
-                                     detector.time_us_per_call(change.key), await read_peaks(change.key.hardware))
-            except ValueError:
-                continue  # the hypothesis stage refuses it with the reason; last in line here
-            hypotheses[h.event_id] = (h, change)
-        ranked = [hypotheses[h.event_id][1] for h in rank([h for h, _ in hypotheses.values()])]
-        return ranked + [c for c in changes if c not in ranked]
 
     # A fleet sends hundreds of windows a second: they come in batches, judged one by one in stream
     # order (windows judged out of order would be counted as late).
@@ -125,14 +52,15 @@ def build_app(settings: Settings, tracer_provider: TracerProvider | None = None)
     async def on_kernel_stats(body: list[bytes], msg: NatsBatchMessage = Context("message")) -> None:
         if not msg.raw_message:
             return
-        await restore(msg.raw_message[0])
+        await restorer.restore(msg.raw_message[0])
         await handle_each(broker, KernelStats, msg.raw_message, on_window)
 
     async def on_window(stats: KernelStats, raw) -> None:
-        if replayed(raw):
+        if restorer.replayed(raw):
             return  # the restore counted it already
-        await learn_promise(stats)
-        for change in await by_expected_gain(detector.observe(stats)):
+        await learn_promise(detector, stats, lookups.registry)
+        for change in await by_expected_gain(detector.observe(stats), detector, budget, lookups.registry,
+                                             lookups.peaks):
             # A campaign is one trace rooted where the change was detected; the window that tipped
             # it stays reachable through links: to the trace it was published in, if any, and to
             # the span of the batch that brought it.
@@ -149,7 +77,7 @@ def build_app(settings: Settings, tracer_provider: TracerProvider | None = None)
 
     @durable_subscriber(broker, subjects.USAGE_CHANGED, ack_wait_s=ACK_WAIT_S)
     async def on_usage_changed(event: UsageChanged) -> None:
-        await restore()
+        await restorer.restore()
         key = event.key
         with tracer.start_as_current_span("hypothesise") as span:
             span.set_attributes({"op": key.op, "kernel_key": str(key), "bucket": key.bucket, "reason": event.reason})
@@ -158,10 +86,10 @@ def build_app(settings: Settings, tracer_provider: TracerProvider | None = None)
                          key, event.variant_id)
                 span.set_attribute("status", "rollback")
                 return
-            entry = await read_registry(key)
+            entry = await lookups.registry(key)
             try:
                 hypothesis = build_hypothesis(event, detector.profile(key), incumbent_from(entry), budget,
-                                              detector.time_us_per_call(key), await read_peaks(key.hardware),
+                                              detector.time_us_per_call(key), await lookups.peaks(key.hardware),
                                               time_share=getattr(detector.snapshot(key), "time_share", None))
             except ValueError as e:
                 # a bad-but-valid event: say which field, dead-letter it (which acks it), keep serving
@@ -175,10 +103,8 @@ def build_app(settings: Settings, tracer_provider: TracerProvider | None = None)
                 log.info("no campaign for %s: %s", key, why)
                 span.set_attribute("status", "below_min_gain")
                 return
-            guard = CampaignGuard(await broker.key_value(subjects.DETECTOR_BUCKET, history=subjects.DETECTOR_HISTORY,
-                                                           replicas=replicas()),
-                                  await broker.key_value(subjects.CAMPAIGN_BUCKET, history=subjects.CAMPAIGN_HISTORY,
-                                                           replicas=replicas()),
+            guard = CampaignGuard(await lookups.bucket(subjects.DETECTOR_BUCKET, subjects.DETECTOR_HISTORY),
+                                  await lookups.bucket(subjects.CAMPAIGN_BUCKET, subjects.CAMPAIGN_HISTORY),
                                   settings.campaign_timeout_s)
             claim = await guard.claim(str(key), hypothesis.campaign.campaign_id, event.event_id,
                                       force=event.reason == "manual")

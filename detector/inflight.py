@@ -14,9 +14,10 @@ from datetime import datetime, timezone
 
 import nats.js.errors
 from nats.js.kv import KeyValue
+from pydantic import ValidationError
 
-# The deployer's campaign statuses that mean work is still under way (deployer/campaign.py).
-IN_FLIGHT = ("running", "awaiting_approval")
+from shared.registry import read_campaign
+from shared.schemas import CAMPAIGN_IN_FLIGHT
 
 
 @dataclass(frozen=True)
@@ -35,13 +36,10 @@ class CampaignGuard:
 
     async def _status(self, campaign_id: str) -> str | None:
         try:
-            entry = await self.campaigns.get(campaign_id)
-        except nats.js.errors.KeyNotFoundError:
-            return None
-        try:
-            return json.loads(entry.value).get("status")
-        except (ValueError, AttributeError):
-            return None
+            state = await read_campaign(self.campaigns, campaign_id)
+        except ValidationError:
+            return None  # a record this version cannot read: judged by its age, as one not yet written
+        return state.status if state else None
 
     async def claim(self, key: str, campaign_id: str, event_id: str, now: datetime | None = None,
                     force: bool = False) -> Claim:
@@ -60,7 +58,7 @@ class CampaignGuard:
                 return Claim(True, f"campaign {held['campaign_id']} was already claimed by this event")
             status = await self._status(held["campaign_id"])
             age_s = (now - datetime.fromisoformat(held["started_at"])).total_seconds()
-            if not force and (status in IN_FLIGHT or (status is None and age_s < self.timeout_s)):
+            if not force and (status in CAMPAIGN_IN_FLIGHT or (status is None and age_s < self.timeout_s)):
                 return Claim(False, f"campaign {held['campaign_id']} for {key} is still in flight "
                                     f"({status or 'no verdict yet'}, started {age_s:.0f} s ago)")
         try:

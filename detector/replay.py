@@ -5,9 +5,12 @@ Replay over a KV snapshot: the stream already holds every window (it is the sour
 for days), a replay needs no write path that can fall behind or disagree with it, and it rebuilds
 the tests' levels and noise, not just totals. Events the replay raises are dropped: they went out
 when those windows were first judged (with the same event ids, so JetStream would drop a copy).
+`Restorer` runs the replay once per process and tells the live consumer which windows it counted.
 """
 import asyncio
-from datetime import datetime
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta, timezone
 from typing import NamedTuple
 
 import nats.errors
@@ -18,6 +21,8 @@ from pydantic import ValidationError
 from detector.change import ChangeDetector
 from shared import subjects
 from shared.schemas import KernelStats
+
+log = logging.getLogger("kernelloop.detector")
 
 BATCH = 512
 
@@ -58,3 +63,43 @@ async def replay(js: JetStreamContext, detector: ChangeDetector, since: datetime
                 return Replayed(fed, last)
     finally:
         await sub.unsubscribe()
+
+
+def _metadata(raw):
+    """A live JetStream message's metadata; None for anything else (no message, a plain one)."""
+    return raw.metadata if raw is not None and getattr(raw, "reply", None) else None
+
+
+class Restorer:
+    """The one replay after a start, and which live windows it already counted.
+
+    Either handler may restore first (the hypothesis stage needs the profile as much as the change
+    detector needs its levels), so the replay runs under a lock, once. `feed(since, before_seq)`
+    replays into the detector (`replay` above, bound to a JetStream context and the detector);
+    given the first live window, it stops before that window's stream sequence, and every live
+    window up to it counts as replayed."""
+
+    def __init__(self, feed: Callable[[datetime, int | None], Awaitable[Replayed]], replay_s: float,
+                 now: Callable[[], datetime] = lambda: datetime.now(timezone.utc)):
+        self.feed, self.replay_s, self.now = feed, replay_s, now
+        self.up_to: int | None = None  # the stream sequence up to which windows were replayed
+        self._lock = asyncio.Lock()
+
+    async def restore(self, raw=None) -> Replayed | None:
+        """Replay the last replay_s seconds of kernel.stats, up to raw (a live window's raw message)
+        when given; None when it ran already."""
+        async with self._lock:
+            if self.up_to is not None:
+                return None
+            meta = _metadata(raw)
+            done = await self.feed(self.now() - timedelta(seconds=self.replay_s),
+                                   meta.sequence.stream if meta else None)
+            self.up_to = meta.sequence.stream - 1 if meta else done.last_seq
+            log.info("rebuilt the workload profile from %d kernel.stats windows of the last %.0f s",
+                     done.windows, self.replay_s)
+            return done
+
+    def replayed(self, raw) -> bool:
+        """Whether the restore counted this live window already."""
+        meta = _metadata(raw)
+        return meta is not None and self.up_to is not None and meta.sequence.stream <= self.up_to

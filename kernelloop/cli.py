@@ -99,7 +99,7 @@ async def _send_trace(nats_url: str, event, data: bytes, name: str, replicas: in
     import nats.js.errors
     from nats.js.api import ObjectMeta
 
-    from observer.tracefiles import HARDWARE_HEADER, SOURCE_HEADER
+    from shared.tracefiles import HARDWARE_HEADER, SOURCE_HEADER
 
     body = event.model_dump_json().encode()
     async with console.connected(nats_url) as nc:
@@ -124,7 +124,7 @@ async def _send_trace(nats_url: str, event, data: bytes, name: str, replicas: in
 def cmd_observe(args, settings: Settings) -> int:
     import asyncio
 
-    from observer.tracefiles import TraceError, read_trace
+    from shared.tracefiles import TraceError, read_trace
     from shared.schemas import ProfilerTrace
 
     path, max_bytes = Path(args.file), int(settings.trace_max_mb * 2**20)
@@ -161,22 +161,8 @@ def cmd_up(args, settings: Settings) -> int:
     from shared import supervisor
 
     if args.demo:
-        from observer.demo import run_demo_loop
-        from observer.llama_demo import choose_workload, run_llama_demo_loop
-        from shared import hardware
-
-        signal.signal(signal.SIGTERM, _interrupt)  # stop the services as Ctrl-C would
-        nats_url = None if args.embedded else _given_url()
-        try:
-            if choose_workload(args.workload, hardware.device()) == "llama":
-                return run_llama_demo_loop(settings, nats_url, model=args.model, preset=args.preset, dtype=args.dtype,
-                                           phase_s=args.phase_s, deadline_s=args.deadline_s)
-            return run_demo_loop(settings, nats_url=nats_url, phase_s=_or(args.phase_s, 45.0), shapes=args.shapes,
-                                 dtype=args.dtype or "float16", deadline_s=_or(args.deadline_s, 480.0))
-        except KeyboardInterrupt:
-            return 130
-        except ModuleNotFoundError as e:  # --model hf without transformers installed
-            return console.fail(str(e), 1)
+        # the demo is a workload program beside the loop it starts: this process becomes it
+        os.execv(sys.executable, [sys.executable, "-m", "observer.demos", *args.forwarded])
     loop = supervisor.start(settings.state_dir, nats_url=_given_url())
     if not args.json:
         console.progress("starting NATS and the five services")
@@ -205,14 +191,6 @@ def cmd_up(args, settings: Settings) -> int:
     print("kernelloop up: stopping", file=sys.stderr if args.json else sys.stdout)
     loop.stop()
     return 0
-
-
-def _or(value, default):
-    return default if value is None else value
-
-
-def _interrupt(*_) -> None:
-    raise KeyboardInterrupt
 
 
 def _shape(text: str) -> list[int]:
@@ -244,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --demo: rmsnorm on one shape then another, or a Llama-style decoder stack whose "
                          "traffic shifts (decode b1, decode b32, prefill 2k); auto: llama where CUDA is, else rmsnorm")
     up.add_argument("--model", default="kernelloop", choices=["kernelloop", "hf"],
-                    help="with --workload llama: observer/llama.py on kernelloop.ops, or transformers' "
+                    help="with --workload llama: observer/demos/llama.py on kernelloop.ops, or transformers' "
                          "LlamaForCausalLM (random weights) with kernelloop.patch (norms, SwiGLU, rotary)")
     up.add_argument("--preset", default=None, choices=["8b", "70b", "tiny"],
                     help="with --workload llama: the stack's dims (default 8b on CUDA, tiny otherwise)")
@@ -319,10 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_op(args, settings: Settings) -> int:
-    from shared.ops.kernelbench import OpFileError, register_op_file
+    from shared.ops.kernelbench import OpFileError
+    from shared.userops import register_op_file
 
     try:
-        module = register_op_file(args.file, state_dir=settings.state_dir, name=args.name)
+        module = register_op_file(args.file, settings.user_ops_dir, name=args.name)
     except (OpFileError, OSError) as e:
         return console.fail(str(e))
     found = {"op": module.NAME, "state_dir": str(settings.state_dir)}
@@ -331,10 +310,9 @@ def cmd_op(args, settings: Settings) -> int:
     return 0
 
 
-def cmd_simulate(args, settings: Settings) -> int:
-    from detector.simulator import cli
-
-    return cli(args.rest)
+def cmd_simulate(args, settings: Settings | None) -> int:
+    # the detector's own program, with its own parser (--help included); this process becomes it
+    os.execv(sys.executable, [sys.executable, "-m", "detector.simulator", *args.rest])
 
 
 HANDLERS = {"op": cmd_op, "simulate": cmd_simulate, "up": cmd_up, "publish": cmd_publish, "schema": cmd_schema, "trace": cmd_trace,
@@ -349,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["simulate"]:  # its own parser, --help included
         return cmd_simulate(argparse.Namespace(rest=argv[1:]), None)
     args = build_parser().parse_args(argv)
+    args.forwarded = argv[1:]  # what `up --demo` hands over to the demo
     use_interpreter_without_gpu()  # before any Triton kernel module is imported
     settings = Settings()
     return HANDLERS[args.command](args, settings)

@@ -2,31 +2,21 @@
 is on a trace with who made it."""
 import asyncio
 import time
-from datetime import datetime, timezone
 
 from pydantic import ValidationError
 
 from kernelloop import console
 from kernelloop.console import BadInput, Failed
 from shared import history, subjects
+from shared.registry import Registry, Revision, StaleRevision
 from shared.schemas import DeployApproval, KernelKey
 from shared.settings import Settings
 
 
 async def _campaign(nats_url: str, campaign_id: str):
-    """The deployer's state of a campaign, read with the deployer's own key scheme; None if unknown."""
-    from nats.js.errors import KeyNotFoundError
-
-    from deployer.campaign import CampaignState, state_key
-
+    """The deployer's record of a campaign; None if unknown."""
     async with console.connected(nats_url) as nc:
-        store = await history.kv(nc.jetstream(), subjects.CAMPAIGN_BUCKET)
-        if store is None:
-            return None
-        try:
-            return CampaignState.model_validate_json((await store.get(state_key(campaign_id))).value)
-        except KeyNotFoundError:
-            return None
+        return await history.campaign(nc.jetstream(), campaign_id)
 
 
 def _decide(args, settings: Settings, decision: str) -> int:
@@ -81,31 +71,17 @@ def cmd_reject(args, settings: Settings) -> int:
     return _decide(args, settings, "reject")
 
 
-async def _rollback(nats_url: str, key: str, to: int | None, who: str, trace_id: str | None):
-    from deployer.registry import Registry, Revision, StaleRevision
-
+async def _rollback(nats_url: str, key: str, to: int | None, who: str, trace_id: str | None) -> Revision:
+    """A person's rollback, written by shared/registry.py like every other registry write (it must
+    work while the deployer is down: that is when people roll back)."""
     async with console.connected(nats_url) as nc:
-        js = nc.jetstream()
-        store = await history.kv(js, subjects.REGISTRY_BUCKET)
+        store = await history.kv(nc.jetstream(), subjects.REGISTRY_BUCKET)
         if store is None:
             raise Failed("no registry: nothing was ever deployed")
-        registry = Registry(store)
         try:
-            if to is None:
-                return await registry.rollback(key, approved_by=who, trace_id=trace_id)
-            kept = await registry.history(key)
-            target = next((r for r in kept if r.revision == to), None)
-            if target is None or target.entry is None:
-                revs = ", ".join(str(r.revision) for r in kept if r.entry is not None) or "none"
-                raise BadInput(f"revision {to} of {key} holds no variant in the kept history (kept: {revs})")
-            current = kept[-1]
-            serving = current.entry.variant_id if current.entry else None
-            if serving == target.entry.variant_id:
-                raise BadInput(f"{key} already serves {serving} (revision {current.revision})")
-            entry = target.entry.model_copy(update={"approved_by": who, "previous_variant_id": serving,
-                                                    "trace_id": trace_id, "deployed_at": datetime.now(timezone.utc)})
-            revision = await registry.write(key, entry, current.revision)
-            return Revision(revision, entry)
+            return await Registry(store).rollback(key, approved_by=who, trace_id=trace_id, to=to)
+        except ValueError as e:
+            raise BadInput(str(e)) from None
         except LookupError as e:
             raise Failed(str(e)) from None
         except StaleRevision as e:

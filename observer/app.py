@@ -1,8 +1,8 @@
 """The observer service's FastStream shell: profiler traces become kernel.stats, one event per
 (op, dtype, bucket) the trace shows, for models that do not call kernelloop's ops. Traces come
 inline on profiler.trace, from the object-store inbox and from a dropped-files folder
-(observer/tracefiles.py); what each trace gave, its unmapped hot ops included, goes to the trace
-summary bucket. A bad trace is refused with its reason and never stops the service."""
+(shared/tracefiles.py); what each trace gave, its unmapped hot ops included, goes to the
+trace summary bucket. A bad trace is refused with its reason and never stops the service."""
 import asyncio
 import hashlib
 import io
@@ -12,13 +12,13 @@ import nats.js.errors
 from faststream import FastStream
 from opentelemetry.trace import TracerProvider
 
-from observer.ingest import ingest_profiler_trace, summarise
-from observer.tracefiles import (HARDWARE_HEADER, SOURCE_HEADER, TraceError, pending_files, read_trace, settle,
-                                 summary_key)
+from observer.ingest.stats import ingest_profiler_trace, summarise
 from shared import subjects
 from shared.broker import durable_subscriber, make_broker, publish, replicas, stream
 from shared.schemas import ProfilerTrace, TraceSummary
 from shared.settings import Settings
+from shared.tracefiles import (HARDWARE_HEADER, SOURCE_HEADER, TraceError, pending_files, read_trace, settle,
+                               summary_key)
 
 log = logging.getLogger("kernelloop.observer")
 

@@ -1,6 +1,7 @@
 """The loop's past and present, read back from NATS: events kept in the stream, the registry's
 history per key, and the deployer's campaign states; and one line per event for people to read.
-What `kernelloop status`, `tail`, `registry` and `report` show."""
+What `kernelloop status`, `tail`, `registry` and `report` show; the KV records are read through
+shared/registry.py."""
 import asyncio
 from dataclasses import dataclass
 
@@ -11,16 +12,9 @@ from nats.js.api import DeliverPolicy
 from pydantic import ValidationError
 
 from shared import subjects
-from shared.schemas import (BY_SUBJECT, BenchResult, Deploy, DeployApproval, DeployPending, Event, Hypothesis,
-                            KernelStats, ProfilerTrace, Refine, RegistryEntry, UsageChanged, VariantReady)
-
-
-def takes_back(replaced: str | None, entry: RegistryEntry, served_before: set[str]) -> bool:
-    """Whether a registry entry that replaces the variant `replaced` is a rollback: approved as one
-    by the deployer, or back to a variant that served the key before (a person's rollback is
-    approved by that person, so it is known by its shape). A new variant replacing one is not."""
-    return replaced is not None and entry.variant_id != replaced and (
-        entry.approved_by.startswith("rollback") or entry.variant_id in served_before)
+from shared.registry import Registry, read_campaign
+from shared.schemas import (BY_SUBJECT, BenchResult, CampaignState, Deploy, DeployApproval, DeployPending, Event,
+                            Hypothesis, KernelStats, ProfilerTrace, Refine, RegistryEntry, UsageChanged, VariantReady)
 
 
 @dataclass
@@ -86,14 +80,9 @@ async def keys(store) -> list[str]:
 async def deployed(js: JetStreamContext) -> dict[str, tuple[int, RegistryEntry]]:
     """key -> (revision, entry) for every key a variant serves now."""
     store = await kv(js, subjects.REGISTRY_BUCKET)
-    out = {}
-    for key in await keys(store):
-        try:
-            entry = await store.get(key)
-        except nats.js.errors.KeyNotFoundError:
-            continue  # deleted: the op's fallback serves it
-        out[key] = (entry.revision, RegistryEntry.model_validate_json(entry.value))
-    return out
+    if store is None:
+        return {}
+    return {key: (r.revision, r.entry) for key, r in (await Registry(store).deployed()).items()}
 
 
 async def registry_history(js: JetStreamContext, key: str) -> list[tuple[int, RegistryEntry | None]]:
@@ -101,18 +90,17 @@ async def registry_history(js: JetStreamContext, key: str) -> list[tuple[int, Re
     store = await kv(js, subjects.REGISTRY_BUCKET)
     if store is None:
         return []
-    try:
-        entries = await store.history(key)
-    except nats.js.errors.NoKeysError:
-        return []
-    return [(e.revision, None if e.operation in ("DEL", "PURGE") else RegistryEntry.model_validate_json(e.value))
-            for e in entries]
+    return [(r.revision, r.entry) for r in await Registry(store).history(key)]
 
 
-async def campaign_states(js: JetStreamContext) -> list:
-    """The deployer's state of every campaign that has had a benchmark result."""
-    from deployer.campaign import CampaignState
+async def campaign(js: JetStreamContext, campaign_id: str) -> CampaignState | None:
+    """The deployer's record of one campaign; None if it has none."""
+    store = await kv(js, subjects.CAMPAIGN_BUCKET)
+    return await read_campaign(store, campaign_id) if store is not None else None
 
+
+async def campaign_states(js: JetStreamContext) -> list[CampaignState]:
+    """The deployer's record of every campaign that has had a benchmark result."""
     store = await kv(js, subjects.CAMPAIGN_BUCKET)
     states = []
     for key in await keys(store):
@@ -123,7 +111,7 @@ async def campaign_states(js: JetStreamContext) -> list:
     return states
 
 
-def stage(state) -> str:
+def stage(state: CampaignState) -> str:
     """Where a campaign the deployer knows stands, in words."""
     if state.status == "awaiting_approval":
         w = state.winner

@@ -310,6 +310,42 @@ class RegistryEntry(Model):
     trace_id: str | None = None
 
 
+CampaignStatus = Literal["running", "deployed", "exhausted", "awaiting_approval", "rejected"]
+# The statuses in which a campaign's work is still under way (no second campaign for its key then).
+CAMPAIGN_IN_FLIGHT: tuple[CampaignStatus, ...] = ("running", "awaiting_approval")
+
+
+class CampaignState(Model):
+    """The deployer's record of one campaign (KV, subjects.CAMPAIGN_BUCKET, keyed by
+    shared/registry.py `campaign_key`): written by the deployer only, read by the detector's
+    campaign guard and the command line."""
+
+    campaign: Campaign
+    status: CampaignStatus = "running"
+    # Open rounds: round -> variant_id -> result. A round leaves this map when it completes.
+    results: dict[int, dict[str, BenchResult]] = Field(default_factory=dict)
+    rounds_done: int = 0
+    closed: list[int] = Field(default_factory=list)  # rounds that completed, in order
+    best: list[Scored] = Field(default_factory=list)  # best first, over every completed round
+    failures: list[Failure] = Field(default_factory=list)
+    tried: list[str] = Field(default_factory=list)  # variant ids of completed rounds
+    # What the deployer owes after a round closed; cleared once done, so a crash in between is
+    # finished by whichever replica sees the campaign next.
+    pending: Literal["refine", "deploy"] | None = None
+    next_round: int | None = None
+    winner: BenchResult | None = None  # the round's winner, to deploy now or on approval
+    approved_by: str | None = None
+    deployed_revision: int | None = None
+    reason: str = ""  # the last decision, in words
+    trace_id: str | None = None  # the trace in which the deciding round closed
+    span_id: str | None = None  # the span that closed it: a person's decision joins the trace there
+    announced: bool = False  # deploy.pending went out for the winner awaiting approval
+    rejected_by: str | None = None
+    # variant_id -> the span that recorded its result, while its round is open: the span that closes
+    # the round links them all, since its decision fans in from every result.
+    result_spans: dict[str, str] = Field(default_factory=dict)
+
+
 class ProfilerTrace(Event):
     """A PyTorch profiler trace (Chrome trace JSON) for the observer service to turn into stats."""
 

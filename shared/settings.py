@@ -93,6 +93,11 @@ class Settings(BaseSettings):
     def traces_dir(self) -> Path:
         return self.state_dir / "traces"
 
+    @property
+    def user_ops_dir(self) -> Path:
+        """Ops added with `kernelloop op add` (shared/userops.py)."""
+        return self.state_dir / "ops"
+
 
 def nats_servers(nats_url: str) -> list[str]:
     """NATS_URL's servers: the NATS clients here take one URL or a list, not the comma-separated

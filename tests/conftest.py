@@ -39,6 +39,17 @@ _docker_works: bool | None = None
 
 
 @pytest.fixture
+def user_ops(tmp_path):
+    """A folder for ops added with `kernelloop op add`, used by get_op as a service's start-up sets it."""
+    from shared.ops import use_user_ops
+
+    folder = tmp_path / "state" / "ops"
+    use_user_ops(folder)
+    yield folder
+    use_user_ops(None)
+
+
+@pytest.fixture
 def nats_url(tmp_path):
     """A fresh, empty JetStream server per test, so streams and KV buckets never leak between tests."""
     global _docker_works

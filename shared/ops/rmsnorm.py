@@ -56,7 +56,7 @@ prune = row_buckets.block_too_wide  # True for points that cannot help the profi
 # The baseline Triton kernel: what a hand-written kernel would start with.
 DEFAULT = {"BLOCK": 512, "ROWS": 1, "num_warps": 4}
 
-# $-placeholders are filled from a point of SPACE (generator/render.py).
+# $-placeholders are filled from a point of SPACE (shared/variants.py `render`).
 TEMPLATE = '''"""RMSNorm variant: BLOCK=$BLOCK, ROWS=$ROWS, num_warps=$num_warps."""
 import torch
 import triton

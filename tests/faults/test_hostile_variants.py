@@ -20,11 +20,11 @@ from benchmarker.app import build_app as build_benchmarker
 from benchmarker.worker import benchmark, running_workers
 from deployer.app import build_app as build_deployer
 from deployer.gate import decide, refusal
-from deployer.registry import Registry
 from shared import subjects
 from shared.broker import make_broker, publish
 from shared.hardware import fingerprint, interpreted
 from shared.ops import rmsnorm
+from shared.registry import Registry
 from shared.schemas import BenchResult, Budget, Campaign, Deploy, KernelKey, VariantReady, WeightedShape
 from shared.settings import Settings
 from shared.variants import render, variant_id

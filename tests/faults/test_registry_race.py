@@ -7,13 +7,13 @@ import time
 import nats
 import pytest
 
-from deployer.campaign import CampaignState, CampaignStore
-from deployer.registry import Registry, StaleRevision
+from deployer.campaign import CampaignStore
 from deployer.rollout import carry_out
 from shared import subjects, supervisor
 from shared.broker import STREAM_CONFIG, make_broker, publish
 from shared.ops import get_op
-from shared.schemas import BenchResult, Campaign, Deploy, Hardware, KernelKey, WeightedShape
+from shared.registry import Registry, StaleRevision
+from shared.schemas import BenchResult, Campaign, CampaignState, Deploy, Hardware, KernelKey, WeightedShape
 from shared.variants import render, source_sha256, variant_id
 
 pytestmark = pytest.mark.nats

@@ -14,12 +14,12 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from deployer.app import build_app
 from deployer.campaign import CampaignStore, record
-from deployer.registry import Registry
 from deployer.rollout import approve
 from shared import subjects
 from shared.broker import make_broker
 from shared.hardware import fingerprint
 from shared.ops import get_op
+from shared.registry import Registry
 from shared.schemas import BenchResult, Budget, Campaign, Deploy, KernelKey, Refine, RegistryEntry, WeightedShape
 from shared.settings import Settings
 from shared.variants import render, source_sha256, variant_id

@@ -12,7 +12,9 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from detector.app import build_app
+from detector.lookups import served
 from shared import subjects
+from shared.registry import Registry
 from shared.schemas import (DeadLetter, Hardware, Hypothesis, KernelKey, KernelStats, RegistryEntry, ShapeCount,
                             UsageChanged, UsageSnapshot, WeightedShape)
 from shared.settings import Settings
@@ -112,6 +114,29 @@ async def test_manual_event_gets_example_shapes_and_the_registry_incumbent(js):
     assert [(w.shape, w.weight) for w in hypothesis.campaign.profile] == [([4096, 512], 1.0)]
     assert hypothesis.campaign.incumbent.variant_id == "v-prefill"
     assert hypothesis.campaign.incumbent.params == {"BLOCK": 512, "ROWS": 4}
+
+
+async def test_a_deleted_or_unreadable_registry_entry_leaves_the_key_unserved(js):
+    kv = await js.create_key_value(KeyValueConfig(bucket=subjects.REGISTRY_BUCKET, history=subjects.REGISTRY_HISTORY))
+    registry = Registry(kv)
+    entry = RegistryEntry(variant_id="v-prefill", source="source text", speedup=1.2, campaign_id="earlier",
+                          approved_by="gate")
+    await kv.put(str(PREFILL), entry.model_dump_json().encode())
+    assert (await served(registry, PREFILL)).variant_id == "v-prefill"
+    await kv.delete(str(PREFILL))
+    assert await registry.read(PREFILL) is None  # nats-py's get() turns a delete marker into KeyNotFoundError
+    assert await served(registry, PREFILL) is None
+    await kv.put(str(PREFILL), entry.model_dump_json().encode())
+    await kv.purge(str(PREFILL))
+    assert await served(registry, PREFILL) is None
+
+    # an entry the detector cannot read: logged, and the campaign starts from the op's fallback
+    await kv.put(str(PREFILL), b'{"variant_id": "v-prefill"}')
+    assert await served(registry, PREFILL) is None
+    hypotheses = await js.pull_subscribe(subjects.HYPOTHESIS, stream=subjects.STREAM_NAME)
+    await publish_raw(js, subjects.USAGE_CHANGED, UsageChanged(key=PREFILL, reason="manual"))
+    (msg,) = await hypotheses.fetch(1, timeout=20)
+    assert Hypothesis.model_validate_json(msg.data).campaign.incumbent.variant_id is None
 
 
 async def test_the_roofline_is_what_a_benchmarker_measured_on_the_card(js):

@@ -9,11 +9,11 @@ import nats
 import pytest
 
 from deployer.app import build_app as build_deployer
-from deployer.registry import Registry
 from deployer.regression import ROLLBACK_BY, answer_regression
 from detector.app import build_app as build_detector
 from shared import subjects
 from shared.ops import get_op
+from shared.registry import Registry
 from shared.schemas import Deploy, KernelKey, KernelStats, RegistryEntry, ShapeCount, UsageChanged
 from shared.settings import Settings
 from shared.variants import render, variant_id

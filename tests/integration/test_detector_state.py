@@ -2,7 +2,6 @@
 stream (no second announcement, no lost shapes), a key with a campaign in flight gets no second
 one, and a change below the minimum expected gain starts nothing."""
 import asyncio
-import json
 from datetime import datetime, timedelta, timezone
 
 import nats
@@ -14,8 +13,9 @@ from detector.change import ChangeDetector
 from detector.inflight import CampaignGuard
 from detector.replay import replay
 from shared import subjects
-from shared.schemas import (Hypothesis, KernelKey, KernelStats, ShapeCount, UsageChanged, UsageSnapshot,
-                            WeightedShape)
+from shared.registry import campaign_key
+from shared.schemas import (CampaignState, Hypothesis, KernelKey, KernelStats, ShapeCount, UsageChanged,
+                            UsageSnapshot, WeightedShape)
 from shared.settings import Settings
 
 pytestmark = pytest.mark.nats
@@ -159,12 +159,13 @@ async def test_no_second_campaign_for_a_key_while_one_is_in_flight(js, nats_url)
 
         await publish_raw(js, subjects.USAGE_CHANGED, change())
         (msg,) = await hypotheses.fetch(1, timeout=20)
-        campaign_id = Hypothesis.model_validate_json(msg.data).campaign.campaign_id
+        campaign = Hypothesis.model_validate_json(msg.data).campaign
 
         # the deployer has the campaign running: a second change for the key starts nothing
         campaigns = await js.create_key_value(KeyValueConfig(bucket=subjects.CAMPAIGN_BUCKET,
                                                              history=subjects.CAMPAIGN_HISTORY))
-        await campaigns.put(campaign_id, json.dumps({"status": "running"}).encode())
+        await campaigns.put(campaign_key(campaign.campaign_id),
+                            CampaignState(campaign=campaign, status="running").model_dump_json().encode())
         await publish_raw(js, subjects.USAGE_CHANGED, change())
         await settled(js, subjects.USAGE_CHANGED)
         assert await drain(hypotheses) == []
@@ -174,10 +175,11 @@ async def test_no_second_campaign_for_a_key_while_one_is_in_flight(js, nats_url)
         await publish_raw(js, subjects.USAGE_CHANGED, manual)
         (msg,) = await hypotheses.fetch(1, timeout=20)
         assert msg.headers["Nats-Msg-Id"] == f"hypothesis-{manual.event_id}"
-        campaign_id = Hypothesis.model_validate_json(msg.data).campaign.campaign_id
+        campaign = Hypothesis.model_validate_json(msg.data).campaign
 
         # once it is over, the next change may start one
-        await campaigns.put(campaign_id, json.dumps({"status": "deployed"}).encode())
+        await campaigns.put(campaign_key(campaign.campaign_id),
+                            CampaignState(campaign=campaign, status="deployed").model_dump_json().encode())
         third = change()
         await publish_raw(js, subjects.USAGE_CHANGED, third)
         (msg,) = await hypotheses.fetch(1, timeout=20)

@@ -12,13 +12,13 @@ import pytest
 
 import deployer.app
 import generator.app
-from deployer.registry import Registry
 from shared import subjects
 from shared.broker import make_broker
 from shared.ops import get_op
-from shared.ops.kernelbench import register_op_file
+from shared.registry import Registry
 from shared.schemas import Budget, Campaign, Deploy, Hypothesis, KernelKey, WeightedShape
 from shared.settings import Settings
+from shared.userops import register_op_file
 from shared.variants import variant_id
 from support import rmsnorm_answers, row_scale_answers
 from support.llm_server import ScriptedLLM, answer
@@ -28,10 +28,10 @@ pytestmark = pytest.mark.nats
 DATA = Path(__file__).parent.parent / "data" / "kernelbench"
 
 
-async def test_an_op_from_a_kernelbench_file_gets_an_llm_kernel_deployed(nats_url, tmp_path, monkeypatch):
-    state = tmp_path / "state"
-    monkeypatch.setenv("KERNELLOOP_STATE_DIR", str(state))
-    op = register_op_file(DATA / "row_scale.py", state)
+async def test_an_op_from_a_kernelbench_file_gets_an_llm_kernel_deployed(nats_url, tmp_path, monkeypatch, user_ops):
+    state = user_ops.parent
+    monkeypatch.setenv("KERNELLOOP_STATE_DIR", str(state))  # the benchmarker process's start-up reads it
+    op = register_op_file(DATA / "row_scale.py", user_ops)
     assert get_op("row_scale").NAME == op.NAME
     key = KernelKey(hardware="cpu-interpreter", op="row_scale", dtype="float32", bucket=op.shape_bucket([1024, 16]))
     campaign = Campaign(campaign_id="kb-1", key=key, profile=[WeightedShape(shape=[1024, 16], weight=1.0)],

@@ -10,8 +10,8 @@ import pytest
 import torch
 from nats.js.api import KeyValueConfig
 
-from observer.llama import Llama, LlamaConfig, Phase
-from observer.llama_demo import format_summary, run_llama_demo
+from observer.demos.llama import Llama, LlamaConfig, Phase
+from observer.demos.llama_demo import format_summary, run_llama_demo
 from observer.sdk import observe, ops
 from shared import subjects
 from shared.broker import STREAM_CONFIG

@@ -13,9 +13,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 import benchmarker.app
 import deployer.app
 import generator.app
-from deployer.registry import Registry
 from shared import subjects
 from shared.broker import make_broker
+from shared.registry import Registry
 from shared.schemas import Budget, Campaign, Deploy, Hypothesis, KernelKey, VariantReady, WeightedShape
 from shared.settings import Settings
 from shared.variants import variant_id

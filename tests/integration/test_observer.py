@@ -12,7 +12,7 @@ import torch
 from nats.js.api import KeyValueConfig
 
 from observer.app import build_app
-from observer.demo import format_summary, run_demo
+from observer.demos.demo import format_summary, run_demo
 from observer.sdk import observe, ops
 from shared import hardware, subjects
 from shared.broker import durable_subscriber, make_broker

@@ -3,9 +3,9 @@ import asyncio
 
 import pytest
 
-from deployer.registry import Registry, StaleRevision
 from shared.broker import make_broker
 from shared.ops import get_op
+from shared.registry import Registry, StaleRevision
 from shared.schemas import KernelKey, RegistryEntry
 from shared.variants import render, variant_id
 

@@ -1,12 +1,12 @@
 """Added ops travel through JetStream KV: what one machine added, a service elsewhere writes into its
-own state dir and then finds by name."""
+own ops folder and then finds by name."""
 from pathlib import Path
 
 import pytest
 
 from shared import subjects
 from shared.broker import make_broker
-from shared.ops.kernelbench import find_user_op, publish_op, register_op_file, sync_ops
+from shared.userops import find_user_op, publish_op, register_op_file, sync_ops
 
 pytestmark = pytest.mark.nats
 

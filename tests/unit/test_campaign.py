@@ -1,11 +1,11 @@
 """Campaign round state: duplicates, round completion, refine contents, budgets, approval."""
 import pytest
 
-from deployer.campaign import (AUTO_GATE, CampaignState, grant_approval, mark_deployed, mark_refined, record,
-                               refine_event, state_key)
+from deployer.campaign import AUTO_GATE, grant_approval, mark_deployed, mark_refined, record, refine_event
 from shared.hardware import fingerprint
 from shared.ops import get_op
-from shared.schemas import BenchResult, Budget, Campaign, KernelKey, WeightedShape
+from shared.registry import campaign_key
+from shared.schemas import BenchResult, Budget, Campaign, CampaignState, KernelKey, WeightedShape
 from shared.variants import render, source_sha256, variant_id
 
 OP = get_op("rmsnorm")
@@ -125,6 +125,6 @@ def test_state_survives_its_json_round_trip():
     assert CampaignState.model_validate_json(state.model_dump_json()) == state
 
 
-def test_state_key_is_a_valid_kv_key_for_any_campaign_id():
-    assert state_key("0123abcd") == "0123abcd"
-    assert state_key("my campaign*") != "my campaign*" and " " not in state_key("my campaign*")
+def test_campaign_key_is_a_valid_kv_key_for_any_campaign_id():
+    assert campaign_key("0123abcd") == "0123abcd"
+    assert campaign_key("my campaign*") != "my campaign*" and " " not in campaign_key("my campaign*")

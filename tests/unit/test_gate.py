@@ -128,7 +128,7 @@ def test_gate_never_redeploys_a_variant_withdrawn_from_the_key():
 def test_withdrawn_variants_are_those_a_rollback_or_a_removal_took_off():
     from datetime import datetime, timezone
 
-    from deployer.registry import Revision, withdrawn
+    from shared.registry import Revision, withdrawn
     from shared.schemas import RegistryEntry
 
     def entry(vid, by="auto-gate", previous=None):
@@ -147,7 +147,7 @@ def test_a_persons_rollback_withdraws_the_variant_it_took_off():
     """`kernelloop rollback KEY --by erin` writes the earlier entry approved by erin, not by "rollback"."""
     from datetime import datetime, timezone
 
-    from deployer.registry import Revision, withdrawn
+    from shared.registry import Revision, withdrawn
     from shared.schemas import RegistryEntry
 
     def entry(vid, by="auto-gate", previous=None):

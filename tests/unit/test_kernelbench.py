@@ -9,8 +9,9 @@ import torch
 from generator.database import Attempt
 from generator.prompts import PromptContext, build_messages
 from shared.ops import CATALOG, get_op
-from shared.ops.kernelbench import OpFileError, load_op, register_op_file
+from shared.ops.kernelbench import OpFileError, load_op
 from shared.schemas import Campaign, KernelKey, WeightedShape
+from shared.userops import register_op_file
 from shared.variants import load, render, variant_id
 
 DATA = Path(__file__).parent.parent / "data" / "kernelbench"
@@ -55,9 +56,8 @@ def test_model_parameters_become_launcher_arguments_drawn_fresh_per_seed():
     assert op.cost([3, 24, 8], torch.float32).flops == 2 * 3 * 24 * 8
 
 
-def test_the_fallback_launcher_serves_the_reference(tmp_path, monkeypatch):
-    monkeypatch.setenv("KERNELLOOP_STATE_DIR", str(tmp_path))
-    register_op_file(DATA / "row_scale.py")
+def test_the_fallback_launcher_serves_the_reference(tmp_path, user_ops):
+    register_op_file(DATA / "row_scale.py", user_ops)
     op = get_op("row_scale")
     source = render(op.TEMPLATE, op.DEFAULT)
     launch = load(source, op.DEFAULT, variant_id(source, op.DEFAULT), tmp_path / "cache")
@@ -65,12 +65,11 @@ def test_the_fallback_launcher_serves_the_reference(tmp_path, monkeypatch):
     assert torch.equal(launch(x), op.reference(x))
 
 
-def test_an_added_op_is_found_by_name_and_listed_when_unknown(tmp_path, monkeypatch):
-    monkeypatch.setenv("KERNELLOOP_STATE_DIR", str(tmp_path))
+def test_an_added_op_is_found_by_name_and_listed_when_unknown(user_ops):
     with pytest.raises(KeyError, match="row_scale"):
         get_op("row_scale")
-    op = register_op_file(DATA / "row_scale.py", tmp_path)
-    assert (tmp_path / "ops" / "row_scale.py").exists()
+    op = register_op_file(DATA / "row_scale.py", user_ops)
+    assert (user_ops / "row_scale.py").exists()
     assert get_op("row_scale").NAME == op.NAME == "row_scale"
     with pytest.raises(KeyError, match="known ops: .*row_scale"):
         get_op("nosuchop")
@@ -85,7 +84,7 @@ def test_a_broken_file_is_refused_naming_what_is_wrong(tmp_path, text, reason):
     path = tmp_path / "bad_op.py"
     path.write_text(text)
     with pytest.raises(OpFileError, match=reason):
-        register_op_file(path, tmp_path)
+        register_op_file(path, tmp_path / "ops")
     assert not (tmp_path / "ops" / "bad_op.py").exists()
 
 
@@ -93,7 +92,7 @@ def test_a_built_in_op_cannot_be_replaced(tmp_path):
     path = tmp_path / "rmsnorm.py"
     path.write_text((DATA / "row_scale.py").read_text())
     with pytest.raises(OpFileError, match="built in"):
-        register_op_file(path, tmp_path)
+        register_op_file(path, tmp_path / "ops")
     assert "rmsnorm" in CATALOG
 
 

@@ -3,7 +3,7 @@ for a prefill and the decode step after it; bad positions are refused."""
 import pytest
 import torch
 
-from observer.llama import Llama, LlamaConfig, torch_ops
+from observer.demos.llama import Llama, LlamaConfig, torch_ops
 from observer.sdk import ops
 from shared import hardware
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from kernelloop.cli import build_parser
-from observer.hotswap import DeployRecord, Withdrawal
-from observer.llama import PRESETS, TRAFFIC, LlamaConfig, fit
-from observer.llama_demo import choose_workload, first_phase, format_summary, summarise
+from observer.demos.llama import PRESETS, TRAFFIC, LlamaConfig, fit
+from observer.demos.llama_demo import choose_workload, first_phase, format_summary, summarise
+from observer.sdk.hotswap import DeployRecord, Withdrawal
 from shared.schemas import KernelKey, KernelStats
 
 T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
@@ -135,7 +135,7 @@ def test_a_window_belongs_to_the_last_phase_started_before_it_closed():
 
 def test_the_transformers_stack_is_patched_and_decodes_and_prefills_on_the_cpu():
     pytest.importorskip("transformers")
-    from observer.hf_llama import HfLlama
+    from observer.demos.hf_llama import HfLlama
 
     config = LlamaConfig(hidden=64, intermediate=96, heads=2, kv_heads=1, head_dim=32, layers=1, vocab=80,
                          max_context=64)

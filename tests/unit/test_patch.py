@@ -4,9 +4,9 @@ else left alone, unpatch restoring the original modules and function, patching t
 import pytest
 import torch
 
-from observer import sdk
-from observer.patching import patch, patched, unpatch
-from observer.windows import WindowAggregator
+from observer.sdk import customops
+from observer.sdk.patching import patch, patched, unpatch
+from shared.windows import WindowAggregator
 
 transformers = pytest.importorskip("transformers", reason="transformers is a dev dependency")
 from transformers.models.llama import modeling_llama  # noqa: E402
@@ -47,9 +47,9 @@ def _no_patched_model_left():
 @pytest.fixture
 def windows():
     """Calls the ops serve, as the runtime's windows would see them."""
-    sdk._dispatcher.windows = WindowAggregator("cpu-interpreter", "h:1", start=0.0)
-    yield sdk._dispatcher.windows
-    sdk._dispatcher.windows = None
+    customops.dispatcher.windows = WindowAggregator("cpu-interpreter", "h:1", start=0.0)
+    yield customops.dispatcher.windows
+    customops.dispatcher.windows = None
 
 
 def _ops_called(windows) -> dict[str, int]:
@@ -118,6 +118,7 @@ def test_unpatch_restores_the_original_modules_function_and_logits():
 @torch.no_grad()
 def test_patching_twice_is_harmless_and_one_unpatch_undoes_it(windows):
     model = _llama()
+    original = modeling_llama.apply_rotary_pos_emb  # a function, or a callable module in newer transformers
     expected = model(TOKENS).logits
     patch(model)
     first = dict(patched(model).swapped)
@@ -129,7 +130,7 @@ def test_patching_twice_is_harmless_and_one_unpatch_undoes_it(windows):
     assert _ops_called(windows)["rotary"] == 4, "each q and k rotated once, not twice"
     unpatch(model)
     assert not model.model.layers[0].self_attn._forward_pre_hooks
-    assert modeling_llama.apply_rotary_pos_emb.__name__ == "apply_rotary_pos_emb"
+    assert modeling_llama.apply_rotary_pos_emb is original
     assert not hasattr(modeling_llama.apply_rotary_pos_emb, "kernelloop_original")
 
 
@@ -151,7 +152,7 @@ def test_a_patched_llama_dropped_without_unpatch_gives_the_function_back():
 
     model = _llama()
     patch(model)
-    assert modeling_llama.apply_rotary_pos_emb.__module__ == "observer.rotary_patch"
+    assert modeling_llama.apply_rotary_pos_emb.__module__ == "observer.sdk.rotary_patch"
     del model
     gc.collect()
     assert modeling_llama.apply_rotary_pos_emb.__module__ == modeling_llama.__name__
@@ -251,8 +252,8 @@ def test_swiglu_after_a_dtype_change_fuses_again():
 @torch.no_grad()
 def test_a_patched_llama_serves_the_variant_deployed_for_its_rmsnorm_bucket(tmp_path):
     """What the registry deploys reaches a patched transformers model: the dispatch table is the
-    runtime's (observer/hotswap.py fills it from the registry); here it is filled directly."""
-    from observer.dispatch import Served, verify_and_load
+    runtime's (observer/sdk/hotswap.py fills it from the registry); here it is filled directly."""
+    from observer.sdk.dispatch import Served, verify_and_load
     from shared.ops import rmsnorm
     from shared.schemas import RegistryEntry
     from shared.variants import render, variant_id
@@ -268,7 +269,7 @@ def test_a_patched_llama_serves_the_variant_deployed_for_its_rmsnorm_bucket(tmp_
         calls.append(args[0].shape)
         return launch(*args)
 
-    dispatcher = sdk._dispatcher
+    dispatcher = customops.dispatcher
     dispatcher.hardware = "cpu-interpreter"
     # TOKENS is [2, 5]: ten rows of hidden 64 reach each norm
     key = dispatcher.key("rmsnorm", "float32", rmsnorm.shape_bucket([10, 64]))

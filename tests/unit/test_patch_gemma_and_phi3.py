@@ -7,7 +7,7 @@ import gc
 import pytest
 import torch
 
-from observer.patching import patch, patched, unpatch
+from observer.sdk.patching import patch, patched, unpatch
 from support.profiled_model import TOKENS, tiny_transformers
 from test_patch import TOLERANCE, _counts, _dtypes, _ops_called, _rel, windows  # noqa: F401 (windows: a fixture)
 

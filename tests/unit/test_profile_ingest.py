@@ -11,8 +11,8 @@ import time
 import pytest
 import torch
 
-from observer.ingest import HOT_SHARE, ingest_profiler_trace, stats_from_profiler_trace, summarise
-from observer.opmap import catalog_op
+from observer.ingest.opmap import catalog_op
+from observer.ingest.stats import HOT_SHARE, ingest_profiler_trace, stats_from_profiler_trace, summarise
 from observer.sdk import ops
 from support.profiled_model import FFN, HIDDEN, ROWS, profile_block
 from support.profiled_model import TOKENS as TOKENS_HF

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch.profiler import ProfilerAction
 
-from observer.sampling import Sampler, profiler_schedule, without_dispatched
 from observer.sdk import ops
+from observer.sdk.sampling import Sampler, profiler_schedule, without_dispatched
 
 
 def test_schedule_records_active_steps_in_every_and_waits_through_the_first_cycle():

@@ -3,14 +3,13 @@ only, refusal of tampered sources, sampled timing, torch.compile, and patching R
 import pytest
 import torch
 
-from observer import sdk
-from observer.dispatch import Served, verify_and_load
-from observer.sdk import ops, patch
-from observer.windows import WindowAggregator
+from observer.sdk import customops, ops, patch
+from observer.sdk.dispatch import Served, verify_and_load
 from shared import hardware
 from shared.ops import rmsnorm
 from shared.schemas import RegistryEntry
 from shared.variants import render, variant_id
+from shared.windows import WindowAggregator
 
 DEVICE = hardware.device()
 PARAMS = {"BLOCK": 256, "ROWS": 2, "num_warps": 2}
@@ -31,7 +30,7 @@ def _close_to_reference(y, x, w):
 
 @pytest.fixture
 def dispatcher():
-    d = sdk._dispatcher
+    d = customops.dispatcher
     d.hardware = "cpu-interpreter"
     yield d
     d.table.clear()

@@ -4,11 +4,10 @@ keys calls by the op's own shape (matmul's [M, N, K])."""
 import pytest
 import torch
 
-from observer import sdk
-from observer.sdk import ops
-from observer.windows import WindowAggregator
+from observer.sdk import customops, ops
 from shared import hardware
 from shared.ops import CATALOG, get_op
+from shared.windows import WindowAggregator
 
 DEVICE = hardware.device()
 
@@ -24,7 +23,7 @@ def _outputs(y):
 
 @pytest.fixture
 def dispatcher():
-    d = sdk._dispatcher
+    d = customops.dispatcher
     d.hardware = "cpu-interpreter"
     yield d
     d.table.clear()

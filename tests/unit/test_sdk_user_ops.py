@@ -7,8 +7,10 @@ import torch
 
 import kernelloop
 from observer import sdk
-from observer.windows import WindowAggregator
-from shared.ops.kernelbench import register_op_file
+from observer.sdk import customops
+from shared.ops import use_user_ops
+from shared.userops import register_op_file
+from shared.windows import WindowAggregator
 
 ROW_SCALE = Path(__file__).resolve().parents[1] / "data" / "kernelbench" / "row_scale.py"
 
@@ -19,19 +21,20 @@ def state_dir(tmp_path, monkeypatch):
     yield tmp_path
     for name in ("row_scale",):
         sdk.ops.__dict__.pop(name, None)
+    use_user_ops(None)  # the SDK set it from the settings on first use
 
 
 def test_an_added_op_is_served_through_kernelloop_ops_and_counted(state_dir):
-    op = register_op_file(ROW_SCALE, state_dir=state_dir)
+    op = register_op_file(ROW_SCALE, state_dir / "ops")
     assert "row_scale" in dir(kernelloop.ops)
     x = torch.randn(5, 16)
     windows = WindowAggregator("cpu-interpreter", "test", start=0.0)
-    sdk._dispatcher.windows, saved = windows, sdk._dispatcher.windows
+    customops.dispatcher.windows, saved = windows, customops.dispatcher.windows
     try:
         y = kernelloop.ops.row_scale(x)
         kernelloop.ops.row_scale(x)
     finally:
-        sdk._dispatcher.windows = saved
+        customops.dispatcher.windows = saved
     torch.testing.assert_close(y, op.reference(x))
     (stats,) = windows.flush(now=1.0)
     assert stats.key.op == "row_scale" and stats.calls == 2 and stats.key.bucket == op.shape_bucket([5, 16])

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from observer.tracefiles import (CPU_HARDWARE, TraceError, content_id, load_trace, pending_files, read_trace, settle,
-                                 summary_key)
+from shared.tracefiles import (CPU_HARDWARE, TraceError, content_id, load_trace, pending_files, read_trace,
+                               settle, summary_key)
 
 MB = 2**20
 TRACE = {"schemaVersion": 1, "host_name": "gpu-7", "traceEvents": [{"ph": "X", "name": "aten::mm", "ts": 1, "dur": 2}]}

@@ -4,7 +4,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from observer.windows import WindowAggregator, percentile
+from shared.windows import WindowAggregator, percentile
 
 T0 = 1_800_000_000.0
 

@@ -17,9 +17,9 @@ from opentelemetry import trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 from pydantic import ValidationError
 
-from observer.dispatch import Dispatcher, Served, verify_and_load
+from observer.sdk.dispatch import Dispatcher, Served, verify_and_load
 from shared import subjects
-from shared.history import takes_back
+from shared.registry import takes_back
 from shared.ops import get_op, torch_dtype
 from shared.schemas import KernelKey, RegistryEntry
 

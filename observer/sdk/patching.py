@@ -1,6 +1,6 @@
 """Module patching: a model's supported building blocks (RMSNorm, Gemma's 1 + weight RMSNorm too, the
 SwiGLU MLP, Phi-3's fused gate-up MLP, rotary embedding, nn.Softmax) served by kernelloop's ops in
-place, and undone by unpatch (the rotary part in observer/rotary_patch.py). Only a block that
+place, and undone by unpatch (the rotary part in observer/sdk/rotary_patch.py). Only a block that
 computes the same as the op on a probe input is swapped; the others are logged and left as they are.
 
     kernelloop.patch(model)              # in place; returns the model
@@ -14,8 +14,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from observer.probing import agrees, probe_input
-from observer.rotary_patch import ROTARY_NAME, patch_rotary, rotary_namespace
+from observer.sdk.customops import ops
+from observer.sdk.probing import agrees, probe_input
+from observer.sdk.rotary_patch import ROTARY_NAME, patch_rotary, rotary_namespace
 from shared.ops import get_op
 
 log = logging.getLogger("kernelloop.observer")
@@ -247,8 +248,6 @@ def patch(model: torch.nn.Module) -> torch.nn.Module:
     Each swap is checked on a probe input first; a block that disagrees is logged and kept.
     patched(model) reports what was swapped and what was left; unpatch(model) undoes it all.
     Patching twice is harmless. Forward only: the ops are for inference."""
-    from observer.sdk import ops  # observer.sdk re-exports this module
-
     state = getattr(model, _STATE_ATTR, None)
     if state is None:
         state = _State(PatchReport(), [], set())

@@ -14,12 +14,12 @@ from typing import Callable
 import nats
 from nats.errors import Error as NatsError
 
-from observer.dispatch import Dispatcher
-from observer.hotswap import DeployRecord, HotSwap, Withdrawal
-from observer.windows import WindowAggregator
+from observer.sdk.dispatch import Dispatcher
+from observer.sdk.hotswap import DeployRecord, HotSwap, Withdrawal
 from shared import subjects
 from shared.schemas import KernelStats
 from shared.settings import nats_servers
+from shared.windows import WindowAggregator
 
 log = logging.getLogger("kernelloop.observer")
 

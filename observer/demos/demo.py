@@ -6,9 +6,9 @@ import logging
 import queue
 import time
 
-from observer.hotswap import DeployRecord, Withdrawal
-from observer.runtime import Runtime
 from observer.sdk import observe, ops
+from observer.sdk.hotswap import DeployRecord, Withdrawal
+from observer.sdk.runtime import Runtime
 from shared import hardware
 from shared.ops import get_op, torch_dtype
 from shared.schemas import KernelStats
@@ -248,7 +248,7 @@ def _shape(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m observer.demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m observer.demos.demo", description=__doc__)
     parser.add_argument("--phase-s", type=float, default=60.0, help="length of phase 1")
     parser.add_argument("--deadline-s", type=float, default=900.0, help="longest phase 2 waits for a deploy")
     parser.add_argument("--shapes", type=_shape, nargs=2, default=list(SHAPES), metavar="ROWSxHIDDEN")

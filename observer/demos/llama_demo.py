@@ -1,6 +1,6 @@
 """The demo on a Llama-style decoder stack: random weights, every norm, projection, rotary and SwiGLU
-through kernelloop's ops (observer/llama.py), or transformers' LlamaForCausalLM patched by
-kernelloop.patch (observer/hf_llama.py), serving traffic that shifts from decode at batch 1 to
+through kernelloop's ops (observer/demos/llama.py), or transformers' LlamaForCausalLM patched by
+kernelloop.patch (observer/demos/hf_llama.py), serving traffic that shifts from decode at batch 1 to
 decode at batch 32 to prefills of 2k tokens. It reports, per kernel key, the time from the key's
 first traffic (its phase's start) to its deployed variant serving here; the target is 120 s."""
 import queue
@@ -9,11 +9,11 @@ from datetime import datetime, timezone
 
 import torch
 
-from observer.demo import (duration, fallback_name, per_call_us, report, run_in_loop, speedup_text, traced_deploys,
-                           us_text, variant_text, withdrawn)
-from observer.hotswap import DeployRecord, Withdrawal
-from observer.llama import PRESETS, TRAFFIC, Llama, fit
-from observer.runtime import Runtime
+from observer.demos.demo import (duration, fallback_name, per_call_us, report, run_in_loop, speedup_text,
+                                 traced_deploys, us_text, variant_text, withdrawn)
+from observer.demos.llama import PRESETS, TRAFFIC, Llama, fit
+from observer.sdk.hotswap import DeployRecord, Withdrawal
+from observer.sdk.runtime import Runtime
 from shared import hardware
 from shared.ops import torch_dtype
 from shared.schemas import KernelStats
@@ -72,12 +72,12 @@ def choose_workload(requested: str, device: str) -> str:
 
 
 def build_model(model: str, preset: str, device: str, dtype: str):
-    """The stack serving the demo: observer/llama.py on kernelloop.ops, or transformers' patched."""
+    """The stack serving the demo: observer/demos/llama.py on kernelloop.ops, or transformers' patched."""
     from observer.sdk import ops
 
     config = PRESETS[preset]
     if model == "hf":
-        from observer.hf_llama import HfLlama
+        from observer.demos.hf_llama import HfLlama
 
         return HfLlama(config, device=device, dtype=torch_dtype(dtype))
     if model != "kernelloop":
@@ -265,7 +265,7 @@ def run_llama_demo_loop(settings: Settings, nats_url: str | None = None, model: 
     fp = hardware.fingerprint()
     result = {"device": fp.name, "interpreter": fp.interpreter, "fallback": fallback_name(fp.interpreter),
               "workload": "llama", "model": model, "preset": preset, "dtype": dtype,
-              "model_note": served.describe() if model == "hf" else "observer/llama.py: every norm, projection, "
+              "model_note": served.describe() if model == "hf" else "observer/demos/llama.py: every norm, projection, "
                             "rotary and SwiGLU through kernelloop.ops",
               "phases": [{"name": p.name, "batch": p.batch, "seq": p.seq, "start_pos": p.start_pos} for p in phases],
               "target_s": summary["target_s"], "deploys": traced_deploys(summary["keys"], spans),

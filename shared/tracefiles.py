@@ -1,7 +1,7 @@
 """Profiler trace files: bytes -> a trace dict with one clear error for anything that is not one,
 the hardware and source a trace speaks for, and the dropped-files folder.
 
-Traces reach the observer service three ways, all ending in observer.ingest:
+Traces reach the observer service three ways, all ending in observer/ingest/stats.py:
 - a profiler.trace event with the trace inline (`kernelloop observe trace FILE`, when it fits
   the server's max payload, 1 MB by default);
 - the object store TRACE_OBJECT_BUCKET, an inbox: any client may put a trace there (the CLI does

@@ -1,7 +1,7 @@
 """PyTorch profiler traces (Chrome trace JSON, recorded with record_shapes=True) -> KernelStats, for
-models that do not call kernelloop's ops: every call of a catalog op the trace shows (observer/opmap.py
-says which trace ops are which), its shape, dtype and time, aggregated over the trace as one window;
-and the hot ops no catalog op covers.
+models that do not call kernelloop's ops: every call of a catalog op the trace shows
+(observer/ingest/opmap.py says which trace ops are which), its shape, dtype and time, aggregated
+over the trace as one window; and the hot ops no catalog op covers.
 
 A call nested in a mapped call counts once (aten::linear runs aten::matmul and aten::mm inside).
 Unfused patterns (HF's Llama and Gemma RMSNorm, SwiGLU, Phi-3's fused gate-up, HF's rotary) are
@@ -14,10 +14,10 @@ from bisect import bisect_left, bisect_right
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
-from observer.opmap import DTYPES, PATTERNS, Skip, call_of, checked_dtype, dims_of, type_of
-from observer.windows import WindowAggregator
+from observer.ingest.opmap import DTYPES, PATTERNS, Skip, call_of, checked_dtype, dims_of, type_of
 from shared.ops import CATALOG
 from shared.schemas import KernelStats, MappedOp, TraceSummary, UnmappedOp
+from shared.windows import WindowAggregator
 
 HOT_SHARE = 0.01  # unmapped ops below 1 % of the trace's op time are noise, not a campaign
 HOT_TOP = 20

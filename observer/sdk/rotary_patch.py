@@ -1,4 +1,4 @@
-"""Rotary embedding patching for observer.patching: Llama-family attention's apply_rotary_pos_emb
+"""Rotary embedding patching for observer.sdk.patching: Llama-family attention's apply_rotary_pos_emb
 served by the rotary op, inside patched attention modules only."""
 import logging
 import threading
@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-from observer.probing import agrees, probe_input
+from observer.sdk.probing import agrees, probe_input
 from shared.ops import get_op
 
 log = logging.getLogger("kernelloop.observer")

@@ -1,5 +1,5 @@
 """The demo's decoder stack as transformers builds it: a LlamaForCausalLM with the dims of an
-observer/llama.py preset and random weights (nothing is downloaded), patched in place by
+observer/demos/llama.py preset and random weights (nothing is downloaded), patched in place by
 kernelloop.patch, so its norms, SwiGLU MLPs and rotary embedding go through kernelloop's ops while
 its projections and lm_head (nn.Linear) stay torch's. transformers is a dev dependency: imported
 here, when the model is built, never by the workload's other paths.
@@ -11,7 +11,7 @@ import inspect
 
 import torch
 
-from observer.llama import LlamaConfig
+from observer.demos.llama import LlamaConfig
 from observer.sdk import PatchReport, patch, patched
 
 

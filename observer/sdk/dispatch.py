@@ -11,11 +11,11 @@ from typing import Callable
 
 import torch
 
-from observer.windows import WindowAggregator
 from shared import hardware
 from shared.ops import DTYPES, get_op
 from shared.schemas import RegistryEntry
 from shared.variants import load, render, static_problems, variant_id
+from shared.windows import WindowAggregator
 
 log = logging.getLogger("kernelloop.observer")
 

@@ -1,6 +1,6 @@
 """The sampling observer: a model or step function runs as it is, and the PyTorch profiler records a
-few steps in many (shapes included). Each recorded range becomes kernel.stats (observer/ingest.py),
-published through the observing runtime with its next window.
+few steps in many (shapes included). Each recorded range becomes kernel.stats
+(observer/ingest/stats.py), published through the observing runtime with its next window.
 
     sampler = Sampler(model, runtime.submit, hardware, source, every=1000, active=1)
     model(x)            # every 1000th step is profiled; conversion runs on a worker thread
@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 from torch.profiler import ProfilerAction, ProfilerActivity, profile
 
-from observer.ingest import stats_from_profiler_trace
+from observer.ingest.stats import stats_from_profiler_trace
 from shared.schemas import KernelStats
 
 log = logging.getLogger("kernelloop.observer")

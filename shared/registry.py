@@ -1,5 +1,13 @@
-"""The registry: JetStream KV from kernel key to the variant that serves it, with history for
-rollback. Every write names the revision it expects to replace, so two deployers cannot both win."""
+"""The loop's records in JetStream KV, read and written in one place.
+
+The registry maps a kernel key to the variant that serves it, with history for rollback. This
+module is its only writer: the deployer's deploys and automatic rollbacks and a person's rollback
+from the command line all call `Registry`, and every write names the revision it expects to replace,
+so two writers cannot both win. The detector, the workload's hot swap and the status views read it
+here too. The campaign records (shared/schemas.py CampaignState) are written by the deployer alone;
+their key and read side are here so the detector and the command line read them the same way."""
+import hashlib
+import re
 from datetime import datetime, timezone
 from typing import NamedTuple
 
@@ -9,11 +17,18 @@ from nats.js.kv import KeyValue
 
 from shared import subjects
 from shared.broker import replicas
-from shared.history import takes_back
-from shared.schemas import KernelKey, RegistryEntry
+from shared.schemas import CampaignState, KernelKey, RegistryEntry
 from shared.variants import variant_id
 
 _WRONG_LAST_SEQUENCE = (10071, 10164)  # JetStream's "wrong last sequence" error codes
+
+
+def takes_back(replaced: str | None, entry: RegistryEntry, served_before: set[str]) -> bool:
+    """Whether a registry entry that replaces the variant `replaced` is a rollback: approved as one
+    by the deployer, or back to a variant that served the key before (a person's rollback is
+    approved by that person, so it is known by its shape). A new variant replacing one is not."""
+    return replaced is not None and entry.variant_id != replaced and (
+        entry.approved_by.startswith("rollback") or entry.variant_id in served_before)
 
 
 class StaleRevision(Exception):
@@ -60,7 +75,7 @@ class Registry:
         """What serves the key now, or None when nothing is deployed (the op's fallback serves)."""
         try:
             entry = await self.kv.get(str(key))
-        except nats.js.errors.KeyNotFoundError:
+        except nats.js.errors.KeyNotFoundError:  # get() raises this for a deleted key too
             return None
         return Revision(entry.revision, RegistryEntry.model_validate_json(entry.value))
 
@@ -88,30 +103,57 @@ class Registry:
             return []
         return [Revision(e.revision, _parse(e)) for e in entries]
 
-    async def rollback(self, key: KernelKey | str, approved_by: str = "rollback",
-                       trace_id: str | None = None) -> Revision:
-        """Serve the key with what served it before the current entry, as a new revision.
+    async def rollback(self, key: KernelKey | str, approved_by: str = "rollback", trace_id: str | None = None,
+                       to: int | None = None) -> Revision:
+        """Serve the key with what served it before the current entry (or with what revision `to`
+        held), as a new revision.
 
         The earlier entry is re-written (not the history rewound), so the rollback is itself in the
         history and can be undone the same way. When the current entry replaced the op's fallback,
-        the key is deleted and the fallback serves again (entry None in the result)."""
+        the key is deleted and the fallback serves again (entry None in the result). LookupError
+        when there is nothing to go back to; ValueError when `to` names no kept variant or the one
+        serving now."""
         history = await self.history(key)
-        if not history or history[-1].entry is None:
-            raise LookupError(f"registry key {key}: nothing deployed, nothing to roll back")
-        current = history[-1]
-        previous_id = current.entry.previous_variant_id
-        if previous_id is None:
-            return Revision(await self._delete(key, current.revision), None)
-        earlier = [r for r in history[:-1] if r.entry is not None and r.entry.variant_id == previous_id]
-        if not earlier:
-            raise LookupError(f"registry key {key}: previous variant {previous_id} is no longer in the kept history")
-        entry = earlier[-1].entry.model_copy(update={
+        current = history[-1] if history else None
+        serving = current.entry.variant_id if current and current.entry else None
+        if to is not None:
+            target = next((r for r in history if r.revision == to), None)
+            if target is None or target.entry is None:
+                revs = ", ".join(str(r.revision) for r in history if r.entry is not None) or "none"
+                raise ValueError(f"revision {to} of {key} holds no variant in the kept history (kept: {revs})")
+            if serving == target.entry.variant_id:
+                raise ValueError(f"{key} already serves {serving} (revision {current.revision})")
+            earlier = target.entry
+        else:
+            if serving is None:
+                raise LookupError(f"registry key {key}: nothing deployed, nothing to roll back")
+            previous_id = current.entry.previous_variant_id
+            if previous_id is None:
+                return Revision(await self._delete(key, current.revision), None)
+            kept = [r for r in history[:-1] if r.entry is not None and r.entry.variant_id == previous_id]
+            if not kept:
+                raise LookupError(f"registry key {key}: previous variant {previous_id} is no longer in the kept history")
+            earlier = kept[-1].entry
+        entry = earlier.model_copy(update={
             "approved_by": approved_by,
-            "previous_variant_id": current.entry.variant_id,
+            "previous_variant_id": serving,
             "trace_id": trace_id,
             "deployed_at": datetime.now(timezone.utc),
         })
-        return Revision(await self.write(key, entry, current.revision), entry)
+        return Revision(await self.write(key, entry, current.revision if current else None), entry)
+
+    async def deployed(self) -> dict[str, Revision]:
+        """key -> what serves it, for every key a variant serves now."""
+        try:
+            names = sorted(await self.kv.keys())
+        except nats.js.errors.NoKeysError:
+            return {}
+        out = {}
+        for name in names:
+            revision = await self.read(name)
+            if revision is not None:
+                out[name] = revision
+        return out
 
     async def _delete(self, key: KernelKey | str, expected_revision: int) -> int:
         try:
@@ -121,3 +163,24 @@ class Registry:
                 raise StaleRevision(f"registry key {key} is no longer at revision {expected_revision}") from e
             raise
         return (await self.history(key))[-1].revision
+
+
+# ---- campaign records: written by the deployer (deployer/campaign.py), read by anyone --------------
+
+_VALID_KEY = re.compile(r"^[-/_=a-zA-Z0-9]+(\.[-/_=a-zA-Z0-9]+)*$")
+
+
+def campaign_key(campaign_id: str) -> str:
+    """The KV key of a campaign's record; a hand-written id that is no valid key is hashed instead."""
+    if _VALID_KEY.match(campaign_id):
+        return campaign_id
+    return "c-" + hashlib.sha256(campaign_id.encode()).hexdigest()[:32]
+
+
+async def read_campaign(campaigns: KeyValue, campaign_id: str) -> CampaignState | None:
+    """The deployer's record of a campaign, or None when it has none (no result arrived yet)."""
+    try:
+        entry = await campaigns.get(campaign_key(campaign_id))
+    except nats.js.errors.KeyNotFoundError:
+        return None
+    return CampaignState.model_validate_json(entry.value)
