@@ -30,6 +30,14 @@ bench:
 	PYTHONUNBUFFERED=1 $(BENCH_PY) -m bench.bench_ops --out docs/results
 	PYTHONUNBUFFERED=1 $(BENCH_PY) -m bench.bench_e2e --out docs/results
 
+# The user's step end to end: transformers models of five families, unpatched and served by kernelloop,
+# in eager, CUDA-graph and torch.compile regimes (CUDA). LOOP_S > 0 first serves each family beside
+# the loop for that many seconds, so kernelloop's column is what the loop itself deployed.
+LOOP_S ?= 240
+.PHONY: bench-models
+bench-models:
+	PYTHONUNBUFFERED=1 $(BENCH_PY) -m bench.bench_models --out docs/results --loop-s $(LOOP_S)
+
 # The detector measured like a classifier over the stream simulator (fixed seeds, CPU only).
 .PHONY: bench-detector
 bench-detector: $(STAMP)
