@@ -306,9 +306,7 @@ def child(argv: list[str], extra: list[str], label: str) -> list[dict]:
     proc = subprocess.run([sys.executable, "-m", "bench.bench_models", *argv, *extra], stdout=subprocess.PIPE,
                           text=True)
     rows = [json.loads(line[4:]) for line in proc.stdout.splitlines() if line.startswith("ROW ")]
-    for line in proc.stdout.splitlines():
-        if not line.startswith("ROW "):
-            print(line, flush=True)
+    print(proc.stdout, end="", flush=True)
     if proc.returncode != 0:
         print(f"{label}: exited with {proc.returncode} after {len(rows)} rows", flush=True)
     return rows

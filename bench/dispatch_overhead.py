@@ -1,19 +1,26 @@
-"""Host cost of kernelloop's dispatch: a deployed variant called directly, through the dispatcher,
-and through the `kernelloop::<op>` custom op (with and without an observing window, which samples
-every 8th call with device events), on a decode-sized rmsnorm whose kernel is shorter than any of
-these paths, so the host's time per call is what is measured. Also checks that the custom op works
-inside a CUDA graph capture and under torch.compile(fullgraph=True).
+"""Host cost of kernelloop's dispatch on a decode-sized rmsnorm ([1, 4096] bf16), whose kernel is
+shorter than any of these paths, so the host's time per call is what is measured: the op's fallback
+and a deployed variant, called directly, through the dispatcher, through ops.rmsnorm and through the
+`kernelloop::<op>` custom op; and a patched transformers LlamaRMSNorm against the unpatched one, with
+nothing deployed (it runs its original) and with the variant deployed. Each of these plain and while
+observed: calls counted per signature, a key's first calls then one in the dispatcher's
+sample_every timed with device events. Configurations take turns in rounds, so drift on a shared host
+hits them alike. Also checks that the custom op works inside a CUDA graph capture and under
+torch.compile(fullgraph=True).
 
-    python -m bench.dispatch_overhead        # needs a CUDA device
+    python -m bench.dispatch_overhead                   # needs a CUDA device
+    python -m bench.dispatch_overhead --device cpu      # a dry run: torch's rms_norm stands in for the
+                                                        # variant, the interpreted fallback is left out
 """
 import json
+import statistics
 import sys
 import time
 
 import torch
 
 from bench import harness
-from observer.sdk import customops, ops
+from observer.sdk import customops, ops, patch, unpatch
 from observer.sdk.dispatch import Served
 from shared.ops import get_op
 from shared.schemas import RegistryEntry
@@ -22,55 +29,98 @@ from shared.windows import WindowAggregator
 SHAPE = [1, 4096]
 
 
-def _per_call_us(fn, args: tuple, calls: int = 3000) -> float:
+def _per_call_us(fn, args: tuple, calls: int, sync) -> float:
     for _ in range(50):
         fn(*args)
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(3):  # the best of three: the least disturbed by the rest of the host
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn(*args)
-        torch.cuda.synchronize()
-        best = min(best, (time.perf_counter() - start) / calls * 1e6)
-    return best
+    sync()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn(*args)
+    sync()
+    return (time.perf_counter() - start) / calls * 1e6
 
 
-def measure(params: dict | None = None) -> dict:
+def _patched_norm(device: str, dtype: torch.dtype):
+    """transformers' LlamaRMSNorm (what patch() swaps in a served model), unpatched and patched."""
+    try:
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    except ImportError:
+        return None, None
+    plain = LlamaRMSNorm(SHAPE[-1], eps=1e-6).to(device, dtype)
+    model = torch.nn.Sequential(LlamaRMSNorm(SHAPE[-1], eps=1e-6)).to(device, dtype)
+    patch(model)
+    return plain, model
+
+
+def measure(params: dict | None = None, device: str = "cuda", calls: int = 3000, rounds: int = 5) -> dict:
     op = get_op("rmsnorm")
     params = params or op.DEFAULT
     source, vid = harness.source_of("rmsnorm", params)
-    launch = harness.load("rmsnorm", params)
-    x, w = op.make_inputs(SHAPE, torch.bfloat16, "cuda", seed=0)
+    # on the CPU the interpreter would time itself: torch's rms_norm stands in for the variant there
+    launch = harness.load("rmsnorm", params) if device == "cuda" else op.eager
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    x, w = op.make_inputs(SHAPE, torch.bfloat16, device, seed=0)
     eps = 1e-6
     table = customops.dispatcher  # the SDK's one dispatch table, which ops.rmsnorm calls
     key = table.key("rmsnorm", "bfloat16", op.shape_bucket(SHAPE))
     entry = RegistryEntry(variant_id=vid, source=source, params=params, speedup=1.0, campaign_id="bench",
                           approved_by="bench")
-    table.install(key, Served(vid, launch, entry))
+    served = Served(vid, launch, entry)
+    window = WindowAggregator(table.hardware, "bench", start=time.time())
+    plain_norm, patched_norm = _patched_norm(device, torch.bfloat16)
+    # name -> (variant deployed, observed, fn, args)
+    paths = {} if device != "cuda" else {  # the CPU's fallback is the interpreted kernel: left out there
+        "the op's fallback called directly": (False, False, table.fallback("rmsnorm", device), (x, w, eps)),
+        "ops.rmsnorm, nothing deployed": (False, False, ops.rmsnorm, (x, w, eps)),
+        "ops.rmsnorm, nothing deployed, observed": (False, True, ops.rmsnorm, (x, w, eps)),
+    }
+    paths |= {
+        "variant launched directly": (True, False, launch, (x, w, eps)),
+        "Dispatcher.call": (True, False, lambda *a: table.call("rmsnorm", *a), (x, w, eps)),
+        "ops.rmsnorm (eager: straight to the dispatcher)": (True, False, ops.rmsnorm, (x, w, eps)),
+        "torch.ops.kernelloop.rmsnorm (the torch.library op, as compiled graphs call it)":
+            (True, False, ops.rmsnorm.custom_op, (x, w, eps)),
+        "ops.rmsnorm, observed": (True, True, ops.rmsnorm, (x, w, eps)),
+    }
+    if plain_norm is not None:
+        paths |= {
+            "transformers LlamaRMSNorm, unpatched": (False, False, plain_norm, (x,)),
+            "patched LlamaRMSNorm, nothing deployed (runs the original)": (False, False, patched_norm, (x,)),
+            "patched LlamaRMSNorm, nothing deployed, observed": (False, True, patched_norm, (x,)),
+            "patched LlamaRMSNorm, variant deployed": (True, False, patched_norm, (x,)),
+            "patched LlamaRMSNorm, variant deployed, observed": (True, True, patched_norm, (x,)),
+        }
+    per_call: dict[str, list[float]] = {name: [] for name in paths}
     try:
-        direct = _per_call_us(launch, (x, w, eps))
-        dispatcher = _per_call_us(lambda *a: table.call("rmsnorm", *a), (x, w, eps))
-        custom = _per_call_us(ops.rmsnorm, (x, w, eps))
-        through_torch = _per_call_us(ops.rmsnorm.custom_op, (x, w, eps))
-        table.windows = WindowAggregator(table.hardware, "bench", start=time.time())
-        table.sample_every = 8
-        observed = _per_call_us(ops.rmsnorm, (x, w, eps))
+        with torch.no_grad():
+            for _ in range(rounds):
+                for name, (deployed, observed, fn, args) in paths.items():
+                    if deployed:
+                        table.install(key, served)
+                    else:
+                        table.remove(key)
+                    table.windows = window if observed else None
+                    per_call[name].append(_per_call_us(fn, args, calls, sync))
         table.windows = None
         table.resolve_timings()
-        graph_ok = _graph_replays(x, w, eps, launch)
-        compiled_ok = _compiled_matches(x, w, eps, launch)
+        table.install(key, served)
+        graph_ok = _graph_replays(x, w, eps, launch) if device == "cuda" else None
+        compiled_ok = _compiled_matches(x, w, eps, launch) if device == "cuda" else None
     finally:
         table.remove(key)
         table.windows = None
-    return {"variant launched directly": direct, "Dispatcher.call": dispatcher,
-            "ops.rmsnorm (eager: straight to the dispatcher)": custom,
-            "torch.ops.kernelloop.rmsnorm (the torch.library op, as compiled graphs call it)": through_torch,
-            "ops.rmsnorm while observed (1 in 8 sampled)": observed,
-            "dispatch overhead over direct (ops.rmsnorm)": custom - direct,
-            "dispatch overhead over direct (observed)": observed - direct,
-            "CUDA graph capture and replay match": graph_ok,
-            "torch.compile(fullgraph=True) matches": compiled_ok}
+        if patched_norm is not None:
+            unpatch(patched_norm)
+    result = {name: statistics.median(times) for name, times in per_call.items()}
+    direct, dispatched = result["variant launched directly"], result["ops.rmsnorm (eager: straight to the dispatcher)"]
+    result |= {"sample_every (observed paths)": table.sample_every,
+               "dispatch overhead over direct (ops.rmsnorm)": dispatched - direct,
+               "dispatch overhead over direct (observed)": result["ops.rmsnorm, observed"] - direct}
+    if plain_norm is not None:
+        result["patched over unpatched LlamaRMSNorm, nothing deployed, observed"] = (
+            result["patched LlamaRMSNorm, nothing deployed, observed"] / result["transformers LlamaRMSNorm, unpatched"])
+    return result | {"CUDA graph capture and replay match": graph_ok,
+                     "torch.compile(fullgraph=True) matches": compiled_ok}
 
 
 def _graph_replays(x, w, eps, launch) -> bool:
@@ -103,24 +153,29 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ops-json", type=Path, help="take rmsnorm 1x4096's best point from bench_ops' JSON")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="cpu: a dry run of every path, without CUDA graphs or torch.compile")
+    parser.add_argument("--calls", type=int, default=3000, help="calls per path and round")
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", type=Path, help="write dispatch-<gpu>.json and .md here")
     args = parser.parse_args()
     params = None
     if args.ops_json:
         rows = json.loads(args.ops_json.read_text())["rows"]
         params = next((r["best_params"] for r in rows if r["op"] == "rmsnorm" and r["shape"] == SHAPE), None)
-    result = measure(params)
+    result = measure(params, args.device, args.calls, args.rounds)
     print(json.dumps(result, indent=1))
     if args.out:
-        gpu = torch.cuda.get_device_name()
+        gpu = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
         stem = f"dispatch-{hardware.slug(gpu)}"
         args.out.mkdir(parents=True, exist_ok=True)
         harness.write_json(args.out / f"{stem}.json", {"gpu": gpu, "shape": SHAPE, "params": params, **result})
         table = [[k, f"{v:.2f}" if isinstance(v, float) else v] for k, v in result.items()]
         cmd = "python -m bench.dispatch_overhead " + " ".join(sys.argv[1:])
         (args.out / f"{stem}.md").write_text(
-            f"# Dispatch overhead on {gpu}\n\nCommand: `{cmd}`  \nHost µs per call, rmsnorm {SHAPE} bf16 "
-            "with a deployed variant, best of 3 runs of 3000 calls.\n\n" + harness.markdown_table(["path", "µs per call"], table))
+            f"# Dispatch overhead on {gpu}\n\nCommand: `{cmd}`  \nHost µs per call, rmsnorm {SHAPE} bf16, "
+            f"median of {args.rounds} rounds of {args.calls} calls, the paths taking turns.\n\n"
+            + harness.markdown_table(["path", "µs per call"], table))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,9 @@ from typing import Iterator, Literal
 from shared.schemas import KernelKey, KernelStats, ShapeCount
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
-SAMPLE_EVERY = 8  # as the observer SDK times one call in eight
+# How many of a window's calls carry a time; it weights windows only: a window's time per call has
+# the scenario's `noise` whatever the SDK's sampling rate (observer/sdk/dispatch.py).
+SAMPLE_EVERY = 8
 
 ChangeKind = Literal["step", "ramp", "burst", "appear", "idle", "deploy"]
 

@@ -5,6 +5,7 @@ import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import Callable
 
 from shared.schemas import KernelKey, KernelStats, ShapeCount
 
@@ -36,9 +37,19 @@ class WindowAggregator:
     def __init__(self, hardware: str, source: str, start: float):
         self.hardware = hardware
         self.source = source
+        # Called with (op, dtype, bucket, variant_id, time_us) for every timed call, outside the
+        # lock: the workload's canaries (observer/sdk/canary.py) take the key's time per call here.
+        self.on_sample: Callable[[str, str, str, str | None, float], None] | None = None
         self._lock = threading.Lock()
         self._start = start
         self._tallies: dict[tuple[str, str, str], _Tally] = {}
+        self._collectors: list[Callable[["WindowAggregator"], None]] = []
+
+    def collect_with(self, collector: Callable[["WindowAggregator"], None]) -> None:
+        """Run collector(self) at each flush, before the window closes: for calls counted elsewhere
+        (the SDK's dispatch counts per call signature, lock-free) and handed over with add_calls."""
+        if collector not in self._collectors:
+            self._collectors.append(collector)
 
     def record(self, op: str, dtype: str, bucket: str, shape: list[int] | tuple[int, ...],
                variant_id: str | None, time_us: float | None = None) -> None:
@@ -49,17 +60,32 @@ class WindowAggregator:
             tally.shapes[tuple(shape)] += 1
             if time_us is not None:
                 tally.times_us.append(time_us)
+        if time_us is not None and (on_sample := self.on_sample) is not None:
+            on_sample(op, dtype, bucket, variant_id, time_us)
+
+    def add_calls(self, op: str, dtype: str, bucket: str, shape: list[int] | tuple[int, ...],
+                  variant_id: str | None, calls: int) -> None:
+        """Calls of one shape counted apart, none of them timed; variant_id is what served the last
+        of them, so a hot swap inside the window is handled as record() handles it."""
+        with self._lock:
+            tally = self._tally(op, dtype, bucket, variant_id)
+            tally.calls += calls
+            tally.shapes[tuple(shape)] += calls
 
     def add_sample(self, op: str, dtype: str, bucket: str, variant_id: str | None, time_us: float) -> None:
         """A time measured after its call was recorded (device events are read off the critical
         path). Dropped when the key has no calls in this window, or another variant serves it by
-        now: the time would blur the new variant's."""
+        now: the time would blur the new variant's (a canary still takes it: it knows the variant)."""
+        if (on_sample := self.on_sample) is not None:
+            on_sample(op, dtype, bucket, variant_id, time_us)
         with self._lock:
             tally = self._tallies.get((op, dtype, bucket))
             if tally is not None and tally.variant_id == variant_id:
                 tally.times_us.append(time_us)
 
     def flush(self, now: float) -> list[KernelStats]:
+        for collect in list(self._collectors):
+            collect(self)
         with self._lock:
             tallies, start = self._tallies, self._start
             self._tallies, self._start = {}, now

@@ -19,6 +19,13 @@ from shared.userops import find_user_op, user_op_names
 dispatcher = Dispatcher()
 
 
+def traced() -> bool:
+    """Whether torch.compile is tracing or the profiler recording: a call then goes through the
+    custom op (one opaque node in the graph; kernelloop::<name> in the trace), else straight to the
+    dispatch."""
+    return torch.compiler.is_compiling() or _profiler._is_profiler_enabled
+
+
 def _register(op: ModuleType):
     """The op as kernelloop::<name>, a PyTorch custom op whose schema is its reference's signature.
     A custom op is opaque to torch.compile: the graph keeps one call, and the dispatch (and with it
@@ -43,7 +50,7 @@ def _register(op: ModuleType):
         # trace shows it as kernelloop::<name> (observer/ingest/stats.py reads such traces). Otherwise
         # (CUDA graph capture included) the torch dispatcher's trip through the custom op costs the
         # host tens of microseconds per call for nothing: the call goes to kernelloop's dispatch.
-        if torch.compiler.is_compiling() or _profiler._is_profiler_enabled:
+        if traced():
             return custom(*args, **kwargs)
         if kwargs or len(args) != n_params:
             return impl(*args, **kwargs)

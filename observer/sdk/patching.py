@@ -2,6 +2,8 @@
 SwiGLU MLP, Phi-3's fused gate-up MLP, rotary embedding, nn.Softmax) served by kernelloop's ops in
 place, and undone by unpatch (the rotary part in observer/sdk/rotary_patch.py). Only a block that
 computes the same as the op on a probe input is swapped; the others are logged and left as they are.
+A swapped block runs a deployed variant where one serves the call's kernel key and its own original
+code everywhere else, so with nothing deployed a patched model computes what it did before.
 
     kernelloop.patch(model)              # in place; returns the model
     kernelloop.patched(model).swapped    # {"model.layers.0.mlp": "silu_and_mul", ...}
@@ -14,6 +16,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from observer.sdk.blocks import PatchedGateUp, PatchedRMSNorm, PatchedSoftmax, PatchedSwiGLU
 from observer.sdk.customops import ops
 from observer.sdk.probing import agrees, probe_input
 from observer.sdk.rotary_patch import ROTARY_NAME, patch_rotary, rotary_namespace
@@ -41,42 +44,6 @@ class _State:
 
 # ---- RMSNorm ------------------------------------------------------------------------------------
 
-class _PatchedRMSNorm(torch.nn.Module):
-    """Stands in for an RMSNorm module, sharing its weight (state dict keys stay the same). offset=1
-    serves Gemma's x * rstd * (1 + weight) as the op with 1 + weight for its weight."""
-
-    def __init__(self, weight: torch.nn.Parameter, eps: float | None, rmsnorm: Callable, offset: float = 0.0):
-        super().__init__()
-        self.weight = weight
-        self.eps = eps
-        self.offset = offset
-        self._rmsnorm = rmsnorm
-        self._shifted: tuple | None = None  # (weight as it was, its version, weight + offset): not state
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps  # nn.RMSNorm's default
-        return self._rmsnorm(x, self._shifted_weight() if self.offset else self.weight, eps)
-
-    def _shifted_weight(self) -> torch.Tensor:
-        # weight + offset is made once and again only when the weight changes, not per call: per call
-        # it would be one more kernel launch per norm, as many launches as the norms themselves in a
-        # decode step. Every way to change the weight but one moves the key: .to(), .half(),
-        # load_state_dict(assign=True) or `weight.data = ...` give new storage; load_state_dict,
-        # copy_ and other in-place ops bump the version counter. Writes through `weight.data` bypass
-        # the counter, as they bypass autograd's. Holding the old weight's tensor keeps its storage
-        # from being reused, so a new weight never passes for it.
-        w = self.weight
-        version = -1 if w.is_inference() else w._version  # inference tensors keep no counter
-        cached = self._shifted
-        if cached is None or cached[0].data_ptr() != w.data_ptr() or cached[1] != version \
-                or cached[0].dtype != w.dtype or cached[0].shape != w.shape:
-            with torch.no_grad():
-                # in the weight's dtype, as the op's variants are checked (weight typed like x);
-                # in bf16 that is one rounding of 1 + weight, within the op's bf16 tolerance
-                cached = self._shifted = (w.detach(), version, w.detach() + self.offset)
-        return cached[2]
-
-
 def _is_rmsnorm(module: torch.nn.Module) -> bool:
     if isinstance(module, torch.nn.RMSNorm):
         return module.weight is not None and len(module.normalized_shape) == 1
@@ -86,7 +53,7 @@ def _is_rmsnorm(module: torch.nn.Module) -> bool:
 
 def _patch_rmsnorm(module: torch.nn.Module, ops) -> torch.nn.Module | None:
     eps = getattr(module, "eps", getattr(module, "variance_epsilon", None))
-    patched = _PatchedRMSNorm(module.weight, eps, ops.rmsnorm)
+    patched = PatchedRMSNorm(module, eps, ops.rmsnorm)
     if isinstance(module, torch.nn.RMSNorm):
         return patched
     weight = module.weight
@@ -99,48 +66,11 @@ def _patch_rmsnorm(module: torch.nn.Module, ops) -> torch.nn.Module | None:
     # Gemma's (and others') x * rstd * (1 + weight): the weights of the two forms differ by one, so
     # at most one of the probes agrees
     if agrees(lambda: module(probe), lambda: reference(probe, weight + 1, probe_eps), weight.dtype):
-        return _PatchedRMSNorm(module.weight, eps, ops.rmsnorm, offset=1.0)
+        return PatchedRMSNorm(module, eps, ops.rmsnorm, offset=1.0)
     return None
 
 
 # ---- SwiGLU MLP ---------------------------------------------------------------------------------
-
-class _PatchedSwiGLU(torch.nn.Module):
-    """down_proj(silu_and_mul(x @ [gate; up])): one projection into the op's [..., 2 * intermediate]
-    input instead of two, and no cat of their outputs. gate_proj and up_proj keep their names (the
-    state dict is unchanged), their weights re-pointed to halves of the fused one, so no weight is
-    held twice."""
-
-    def __init__(self, original: torch.nn.Module, silu_and_mul: Callable):
-        super().__init__()
-        self.gate_proj, self.up_proj, self.down_proj = original.gate_proj, original.up_proj, original.down_proj
-        self._silu_and_mul = silu_and_mul
-        self._fused: tuple | None = None  # (weight, bias): plain attributes, not state
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self._fused_params()
-        return self.down_proj(self._silu_and_mul(F.linear(x, weight, bias)))
-
-    def _fused_params(self) -> tuple:
-        weight = self._fused[0] if self._fused is not None else None
-        # .to(), .half() or load_state_dict(assign=True) give the halves new storage: fuse again
-        if weight is None or self.gate_proj.weight.data_ptr() != weight.data_ptr() \
-                or self.up_proj.weight.data_ptr() != weight[self.gate_proj.out_features:].data_ptr():
-            self._fuse()
-        return self._fused
-
-    @torch.no_grad()
-    def _fuse(self) -> None:
-        self._fused = (self._share("weight"), self._share("bias") if self.gate_proj.bias is not None else None)
-
-    def _share(self, name: str) -> torch.Tensor:
-        gate, up = getattr(self.gate_proj, name), getattr(self.up_proj, name)
-        fused = torch.cat((gate.detach(), up.detach()), 0)  # [2 * intermediate, ...]
-        n = gate.shape[0]
-        setattr(self.gate_proj, name, torch.nn.Parameter(fused[:n], requires_grad=gate.requires_grad))
-        setattr(self.up_proj, name, torch.nn.Parameter(fused[n:], requires_grad=up.requires_grad))
-        return fused
-
 
 def _is_swiglu(module: torch.nn.Module) -> bool:
     parts = [getattr(module, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
@@ -164,27 +94,12 @@ def _patch_swiglu(module: torch.nn.Module, ops) -> torch.nn.Module | None:
 
     if not agrees(lambda: module(probe), fused, gate.weight.dtype):
         return None
-    patched = _PatchedSwiGLU(module, ops.silu_and_mul)
+    patched = PatchedSwiGLU(module, ops.silu_and_mul)
     patched._fuse()
     return patched
 
 
 # ---- fused gate-up MLP (Phi-3) --------------------------------------------------------------------
-
-class _PatchedGateUp(torch.nn.Module):
-    """down_proj(silu_and_mul(gate_up_proj(x))): the projection's output [..., 2 * intermediate] is
-    the op's input as it is, gate half first, where the module chunks it in two and multiplies
-    act(gate) by up. The original's children are kept under their names: paths and state dict stay."""
-
-    def __init__(self, original: torch.nn.Module, silu_and_mul: Callable):
-        super().__init__()
-        for name, child in original.named_children():
-            self.add_module(name, child)
-        self._silu_and_mul = silu_and_mul
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self._silu_and_mul(self.gate_up_proj(x)))
-
 
 def _is_gate_up(module: torch.nn.Module) -> bool:
     gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
@@ -199,34 +114,19 @@ def _patch_gate_up(module: torch.nn.Module, ops) -> torch.nn.Module | None:
     # a GELU gate or up-then-gate halves compute something else and stay
     if not agrees(lambda: module(probe), lambda: module.down_proj(reference(gate_up(probe))), gate_up.weight.dtype):
         return None
-    return _PatchedGateUp(module, ops.silu_and_mul)
+    return PatchedGateUp(module, ops.silu_and_mul)
 
 
 # ---- nn.Softmax ---------------------------------------------------------------------------------
 
-class _PatchedSoftmax(torch.nn.Module):
-    """ops.softmax over the last dim; another dim stays torch's."""
-
-    def __init__(self, dim: int, softmax: Callable):
-        super().__init__()
-        self.dim = dim
-        self._softmax = softmax
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dim in (-1, x.dim() - 1):
-            return self._softmax(x)
-        return torch.softmax(x, self.dim)
-
-
 def _patch_softmax(module: torch.nn.Module, ops) -> torch.nn.Module | None:
     # dim=None is torch's legacy implicit dim, which depends on the input's rank: left alone
-    return _PatchedSoftmax(module.dim, ops.softmax) if module.dim is not None else None
-
+    return PatchedSoftmax(module, ops.softmax) if module.dim is not None else None
 
 
 # ---- patch, patched, unpatch --------------------------------------------------------------------
 
-_PATCHED = (_PatchedRMSNorm, _PatchedSwiGLU, _PatchedGateUp, _PatchedSoftmax)
+_PATCHED = (PatchedRMSNorm, PatchedSwiGLU, PatchedGateUp, PatchedSoftmax)
 # (test, patcher, op): the first test a module passes decides what it may become
 _SWAPS = ((_is_rmsnorm, _patch_rmsnorm, "rmsnorm"), (_is_swiglu, _patch_swiglu, "silu_and_mul"),
           (_is_gate_up, _patch_gate_up, "silu_and_mul"),
@@ -245,6 +145,8 @@ def patch(model: torch.nn.Module) -> torch.nn.Module:
     MLP (gate_proj, up_proj, down_proj) by one fused projection and ops.silu_and_mul, as is a fused
     one (gate_up_proj, chunked in two, down_proj: Phi-3); rotary embedding of Llama-family
     attention (HF transformers' apply_rotary_pos_emb) by ops.rotary; nn.Softmax by ops.softmax.
+    A swapped block takes its op only where a variant is deployed for the call's kernel key, and
+    runs its original code elsewhere, still counted for the loop to see (observer/sdk/blocks.py).
     Each swap is checked on a probe input first; a block that disagrees is logged and kept.
     patched(model) reports what was swapped and what was left; unpatch(model) undoes it all.
     Patching twice is harmless. Forward only: the ops are for inference."""

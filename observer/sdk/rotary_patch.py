@@ -1,5 +1,6 @@
 """Rotary embedding patching for observer.sdk.patching: Llama-family attention's apply_rotary_pos_emb
-served by the rotary op, inside patched attention modules only."""
+served by the rotary op where a variant is deployed for q's or k's kernel key, and by the original
+function otherwise, inside patched attention modules only."""
 import logging
 import threading
 import weakref
@@ -7,32 +8,44 @@ from typing import Callable
 
 import torch
 
+from observer.sdk.customops import dispatcher, traced
+from observer.sdk.dispatch import Site
 from observer.sdk.probing import agrees, probe_input
 from shared.ops import get_op
 
 log = logging.getLogger("kernelloop.observer")
 
 # Llama-family attention calls a module-level apply_rotary_pos_emb(q, k, cos, sin) of its modeling
-# file. That name is swapped for a dispatcher while any patched model of the family lives; it takes
-# the op only inside a patched attention module's forward (a per-thread depth its hooks keep), so
-# an unpatched model in the same process still runs the original function.
+# file. That name is swapped for a dispatcher while any patched model of the family lives; it
+# dispatches only inside a patched attention module's forward (a per-thread depth its hooks keep),
+# so an unpatched model in the same process runs the original function, uncounted.
 
 ROTARY_NAME = "apply_rotary_pos_emb"
 _inside = threading.local()
 _swapped_namespaces: dict[int, list] = {}  # id(namespace) -> [namespace, original, patched models]
 
 
-def _rotary_hf(q, k, cos, sin, unsqueeze_dim=1, *, rotary: Callable):
-    """HF's apply_rotary_pos_emb through the rotary op (GPT-NeoX layout), or None where the call is
-    not of the form the op serves. q, k: [batch, heads, seq, head_dim] (unsqueeze_dim=1) or
-    [batch, seq, heads, head_dim] (2); cos, sin: [batch or 1, seq, head_dim], both halves equal."""
+def _form(q, k, cos, sin, unsqueeze_dim) -> tuple[int, int, int] | None:
+    """(batch, seq, head_dim) of a call of the form the op serves, else None. q, k: [batch, heads,
+    seq, head_dim] (unsqueeze_dim=1) or [batch, seq, heads, head_dim] (2); cos, sin: [batch or 1,
+    seq, head_dim], both halves equal."""
     if unsqueeze_dim not in (1, 2) or q.dim() != 4 or k.dim() != 4 or cos.dim() != 3 or sin.shape != cos.shape:
         return None
     batch, head_dim = q.shape[0], q.shape[-1]
     seq = q.shape[2] if unsqueeze_dim == 1 else q.shape[1]
     if head_dim % 2 or cos.shape[-1] != head_dim or cos.shape[1] != seq or cos.shape[0] not in (1, batch) \
-            or k.shape[0] != batch or k.shape[-1] != head_dim:
+            or k.shape[0] != batch or k.shape[-1] != head_dim or k.shape[3 - unsqueeze_dim] != seq:
         return None
+    return batch, seq, head_dim
+
+
+def _rotary_hf(q, k, cos, sin, unsqueeze_dim=1, *, rotary: Callable):
+    """HF's apply_rotary_pos_emb through the rotary op (GPT-NeoX layout), or None where the call is
+    not of the form the op serves."""
+    form = _form(q, k, cos, sin, unsqueeze_dim)
+    if form is None:
+        return None
+    batch, seq, head_dim = form
     half = head_dim // 2
     c = cos[..., :half].expand(batch, seq, half).reshape(batch * seq, half)  # [tokens, half]
     s = sin[..., :half].expand(batch, seq, half).reshape(batch * seq, half)
@@ -47,12 +60,66 @@ def _rotary_hf(q, k, cos, sin, unsqueeze_dim=1, *, rotary: Callable):
     return rotate(q), rotate(k)
 
 
+def _sites(q, k, cos, sin, unsqueeze_dim) -> tuple[Site, Site] | tuple[()]:
+    """The Sites of q's and k's rotations, resolved once per signature; () where the call is not of
+    the form the op serves. The op's shape is [tokens, heads, head_dim]; heads are on dim unsqueeze_dim."""
+    signature = ("rotary", q.dtype, k.dtype, q.shape, k.shape, cos.shape, sin.shape, unsqueeze_dim)
+    sites = dispatcher.sites.get(signature)
+    if sites is None:
+        form = _form(q, k, cos, sin, unsqueeze_dim)
+        sites = () if form is None else tuple(
+            dispatcher.resolve("rotary", x.dtype, (form[0] * form[1], x.shape[unsqueeze_dim], form[2])) for x in (q, k))
+        dispatcher.remember(signature, sites)
+    return sites
+
+
+def _serve(original: Callable, rotary: Callable, sites: tuple[Site, Site], q, k, cos, sin, args, kwargs,
+           unsqueeze_dim: int):
+    """The rotary op where a variant serves q's or k's key; the original function otherwise, counted
+    as the op's two calls while observed."""
+    (site_q, site_k), table = sites, dispatcher.table
+    if table.get(site_q.key) is not None or table.get(site_k.key) is not None:
+        return _rotary_hf(q, k, cos, sin, unsqueeze_dim, rotary=rotary)
+    if dispatcher.windows is None:
+        return original(q, k, cos, sin, *args, **kwargs)
+    due_q, due_k = dispatcher.due(site_q, None), dispatcher.due(site_k, None)
+    if not (due_q or due_k):
+        return original(q, k, cos, sin, *args, **kwargs)
+    # A timed call rotates q and k apart, each by the original with the other emptied along its heads,
+    # so that each has a time of its own; the function is elementwise per tensor (patch_rotary
+    # checks), so the outputs are those of one call, bit for bit.
+    no_q, no_k = q.narrow(unsqueeze_dim, 0, 0), k.narrow(unsqueeze_dim, 0, 0)
+
+    def one(site, due, x, which, *pair):
+        def run():
+            return original(*pair, cos, sin, *args, **kwargs)[which]
+
+        return dispatcher.timed(site, None, x, run, ()) if due else run()
+
+    return one(site_q, due_q, q, 0, q, no_k), one(site_k, due_k, k, 1, no_q, k)
+
+
+def _splits(original: Callable, q, k, cos, sin) -> bool:
+    """Whether the original rotates q and k each on its own, bit for bit (on the probe)."""
+    try:
+        whole = original(q, k, cos, sin)
+        apart = original(q, k.narrow(1, 0, 0), cos, sin)[0], original(q.narrow(1, 0, 0), k, cos, sin)[1]
+        return all(torch.equal(a, b) for a, b in zip(whole, apart))
+    except Exception as e:
+        log.debug("patch: rotary split probe failed: %s", e)
+        return False
+
+
 def _rotary_dispatcher(original: Callable, rotary: Callable) -> Callable:
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
         if getattr(_inside, "depth", 0) and len(args) + len(kwargs) <= 1 and set(kwargs) <= {"unsqueeze_dim"}:
-            out = _rotary_hf(q, k, cos, sin, *args, **kwargs, rotary=rotary)
-            if out is not None:
-                return out
+            unsqueeze_dim = args[0] if args else kwargs.get("unsqueeze_dim", 1)
+            if traced():  # torch.compile or the profiler: the op, as ops.rotary serves it there
+                out = _rotary_hf(q, k, cos, sin, unsqueeze_dim, rotary=rotary)
+                if out is not None:
+                    return out
+            elif sites := _sites(q, k, cos, sin, unsqueeze_dim):
+                return _serve(original, rotary, sites, q, k, cos, sin, args, kwargs, unsqueeze_dim)
         return original(q, k, cos, sin, *args, **kwargs)
 
     apply_rotary_pos_emb.kernelloop_original = original
@@ -99,7 +166,8 @@ def patch_rotary(model: torch.nn.Module, module: torch.nn.Module, namespace: dic
     cos, sin = _rotary_probe_inputs(model, head_dim, like)
     q, k = probe_input((1, 2, 3, head_dim), like, seed=1), probe_input((1, 1, 3, head_dim), like, seed=2)
     reference = get_op("rotary").reference
-    if not agrees(lambda: original(q, k, cos, sin), lambda: _rotary_hf(q, k, cos, sin, rotary=reference), like.dtype):
+    if not agrees(lambda: original(q, k, cos, sin), lambda: _rotary_hf(q, k, cos, sin, rotary=reference), like.dtype) \
+            or not _splits(original, q, k, cos, sin):
         return None
     if entry is None:
         entry = _swapped_namespaces[id(namespace)] = [namespace, original, 0]

@@ -5,6 +5,7 @@ A variant's launcher is `launch(x, weight, eps=1e-6) -> y` with y shaped and typ
 import math
 
 import torch
+import torch.nn.functional as F
 
 from shared.ops.base import Cost
 from shared.ops import row_buckets
@@ -21,6 +22,14 @@ ODD_SHAPES = ([3, 1000], [1, 77], [5, 2049])
 def reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     xf = x.float()  # fp32 accumulation, as real kernels do; otherwise fp16 tolerances mislead
     return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
+
+
+def eager(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """torch's own RMSNorm, the fallback on a GPU: fp32 statistics as the reference's (one fused
+    kernel where torch has one for the device and dtype, else its composite of a few)."""
+    if weight.dtype != x.dtype:  # torch's fused kernel wants them alike; the reference takes any weight
+        return reference(x, weight, eps)
+    return F.rms_norm(x, x.shape[-1:], weight, eps)
 
 
 def make_inputs(shape: list[int], dtype: torch.dtype, device: str, seed: int) -> tuple:

@@ -62,3 +62,13 @@ def test_shape_bucket_groups_rows_into_decode_and_prefill_ranges(shape, bucket):
 def test_cost_counts_bytes_of_x_y_and_weight():
     c = rmsnorm.cost([16, 4096], torch.float16)
     assert c.bytes_moved == (2 * 16 * 4096 + 4096) * 2 and c.flops == 4 * 16 * 4096
+
+
+@pytest.mark.parametrize("dtype", rmsnorm.DTYPES)
+def test_eager_fallback_agrees_with_reference_in_every_dtype(dtype):
+    # torch's rms_norm: fp32 statistics as the reference's; a weight of another dtype takes the reference
+    x, w = rmsnorm.make_inputs([5, 1531], torch_dtype(dtype), "cpu", seed=3)
+    for weight in (w, w.float()):
+        y = rmsnorm.eager(x, weight, 1e-6)
+        assert y.dtype == x.dtype and y.shape == x.shape
+        assert _rel_err(y, rmsnorm.reference(x, weight, 1e-6)) < rmsnorm.TOLERANCE[dtype]

@@ -104,7 +104,7 @@ def test_unpatch_restores_the_original_modules_function_and_logits():
     expected = model(TOKENS).logits
     patch(model)
     assert modeling_llama.apply_rotary_pos_emb is not original_fn
-    assert type(model.model.layers[0].mlp).__name__ == "_PatchedSwiGLU"
+    assert type(model.model.layers[0].mlp).__name__ == "PatchedSwiGLU"
     unpatch(model)
     assert modeling_llama.apply_rotary_pos_emb is original_fn
     after = dict(model.named_modules())

@@ -50,7 +50,7 @@ def test_patched_gemma_gives_the_same_logits_and_serves_its_norms_by_rmsnorm(dty
     # 2 norms a layer and the final one; Gemma's MLP gates with GELU (tanh): no catalog op, left
     assert _counts(report.swapped) == {"rmsnorm": 2 * LAYERS + 1, "rotary": LAYERS}
     assert set(report.left) == {f"model.layers.{i}.mlp" for i in range(LAYERS)}
-    assert type(model.model.norm).__name__ == "_PatchedRMSNorm" and model.model.norm.offset == 1.0
+    assert type(model.model.norm).__name__ == "PatchedRMSNorm" and model.model.norm.offset == 1.0
     assert _rel(model(IDS).logits, expected) <= TOLERANCE[dtype]
     assert _ops_called(windows) == {"rmsnorm": 2 * LAYERS + 1, "rotary": 2 * LAYERS}
     unpatch(model)
@@ -126,7 +126,7 @@ def test_patched_phi3_gives_the_same_logits_and_serves_gate_up_by_silu_and_mul(d
     assert _counts(report.swapped) == {"rmsnorm": 2 * LAYERS + 1, "silu_and_mul": LAYERS, "rotary": LAYERS}
     assert report.left == {}
     mlp = model.model.layers[0].mlp
-    assert type(mlp).__name__ == "_PatchedGateUp" and set(model.state_dict()) == keys
+    assert type(mlp).__name__ == "PatchedGateUp" and set(model.state_dict()) == keys
     assert _rel(model(IDS).logits, expected) <= TOLERANCE[dtype]
     assert _ops_called(windows) == {"rmsnorm": 2 * LAYERS + 1, "silu_and_mul": LAYERS, "rotary": 2 * LAYERS}
     unpatch(model)

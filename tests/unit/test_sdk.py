@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from observer.sdk import customops, ops, patch
-from observer.sdk.dispatch import Served, verify_and_load
+from observer.sdk.dispatch import SAMPLE_EVERY, Served, verify_and_load
 from shared import hardware
 from shared.ops import rmsnorm
 from shared.schemas import RegistryEntry
@@ -35,6 +35,7 @@ def dispatcher():
     yield d
     d.table.clear()
     d.windows = None
+    d.sample_every = SAMPLE_EVERY
 
 
 class Counting:
@@ -104,21 +105,43 @@ def test_failing_variant_falls_back_and_is_dropped(dispatcher, caplog):
     assert "broken failed" in caplog.text
 
 
-def test_one_call_in_sample_every_is_timed_and_the_serving_variant_recorded(dispatcher, tmp_path):
+def test_a_keys_first_calls_then_one_in_sample_every_are_timed_and_the_serving_variant_recorded(dispatcher,
+                                                                                              tmp_path):
     entry = _entry()
     dispatcher.install(dispatcher.key("rmsnorm", "float16", "h256-r16"),
                        Served(entry.variant_id, verify_and_load(entry, tmp_path), entry))
     dispatcher.windows = WindowAggregator("cpu-interpreter", "h:1", start=0.0)
     dispatcher.sample_every = 4
     x, w = rmsnorm.make_inputs([4, 256], torch.float16, DEVICE, seed=6)
-    for _ in range(9):
+    for _ in range(17):
         ops.rmsnorm(x, w)
     if DEVICE == "cuda":
         torch.cuda.synchronize()
     dispatcher.resolve_timings()  # device events are read when the window flushes
     (s,) = dispatcher.windows.flush(1.0)
-    assert s.calls == 9 and s.sampled_calls == 2 and s.sampled_time_us > 0
+    # calls 2 and 4 (a new key's first ones), then 8, 12, 16: one in four
+    assert s.calls == 17 and s.sampled_calls == 5 and s.sampled_time_us > 0
     assert s.variant_id == entry.variant_id and s.shapes[0].shape == [4, 256]
+
+
+def test_a_new_variant_has_its_first_calls_timed_again_and_the_window_names_it(dispatcher, tmp_path):
+    dispatcher.windows = WindowAggregator("cpu-interpreter", "h:1", start=0.0)
+    dispatcher.sample_every = 1000
+    x, w = rmsnorm.make_inputs([4, 256], torch.float16, DEVICE, seed=6)
+    for _ in range(20):  # the fallback's calls 2, 4, 8 and 16 are timed
+        ops.rmsnorm(x, w)
+    (before,) = dispatcher.windows.flush(1.0)
+    assert before.calls == 20 and before.sampled_calls == 4 and before.variant_id is None
+    entry = _entry()
+    dispatcher.install(dispatcher.key("rmsnorm", "float16", "h256-r16"),
+                       Served(entry.variant_id, verify_and_load(entry, tmp_path), entry))
+    for _ in range(4):
+        ops.rmsnorm(x, w)
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    dispatcher.resolve_timings()
+    (after,) = dispatcher.windows.flush(2.0)
+    assert after.calls == 4 and after.sampled_calls == 2 and after.variant_id == entry.variant_id
 
 
 def test_compiled_model_picks_up_a_hot_swap_without_recompiling(dispatcher, tmp_path):
@@ -159,7 +182,7 @@ class MeanCenteredRMSNorm(LlamaRMSNorm):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon) * self.weight
 
 
-def test_patch_routes_rmsnorm_modules_through_the_op_and_keeps_outputs(dispatcher):
+def test_patch_swaps_rmsnorm_modules_counts_their_calls_and_keeps_outputs(dispatcher):
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.RMSNorm(64, eps=1e-5),
                                 torch.nn.Sequential(LlamaRMSNorm(64)), GemmaRMSNorm(64), MeanCenteredRMSNorm(64))
     model.to(DEVICE)
@@ -171,8 +194,8 @@ def test_patch_routes_rmsnorm_modules_through_the_op_and_keeps_outputs(dispatche
         got = model(x)
     (stats,) = dispatcher.windows.flush(1.0)
     assert stats.calls == 3 and str(stats.key) == "cpu-interpreter.rmsnorm.float32.h64-r16"
-    assert type(model[1]).__name__ == "_PatchedRMSNorm" and type(model[2][0]).__name__ == "_PatchedRMSNorm"
-    assert type(model[3]).__name__ == "_PatchedRMSNorm" and model[3].offset == 1.0
+    assert type(model[1]).__name__ == "PatchedRMSNorm" and type(model[2][0]).__name__ == "PatchedRMSNorm"
+    assert type(model[3]).__name__ == "PatchedRMSNorm" and model[3].offset == 1.0
     assert isinstance(model[4], MeanCenteredRMSNorm), "a look-alike that computes something else must stay"
     assert set(model.state_dict()) == {"0.weight", "0.bias", "1.weight", "2.0.weight", "3.weight", "4.weight"}
     assert torch.allclose(expected, got, atol=1e-4)

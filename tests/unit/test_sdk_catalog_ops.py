@@ -76,7 +76,7 @@ def test_a_new_hardware_key_is_not_served_from_keys_resolved_before(dispatcher):
     x, w = get_op("rmsnorm").make_inputs([2, 64], torch.float32, DEVICE, seed=0)
     signature = ("rmsnorm", x.dtype, x.shape, w.shape)
     dispatcher.call("rmsnorm", x, w, 1e-6)
-    assert dispatcher._resolved[signature][3].startswith("cpu-interpreter.")
+    assert dispatcher.sites[signature].key.startswith("cpu-interpreter.")
     dispatcher.hardware = "other-gpu"
     dispatcher.call("rmsnorm", x, w, 1e-6)
-    assert dispatcher._resolved[signature][3].startswith("other-gpu.")
+    assert dispatcher.sites[signature].key.startswith("other-gpu.")

@@ -101,3 +101,23 @@ def test_records_from_many_threads_are_all_counted():
     stolen += w.flush(T0 + 2)
     assert sum(s.calls for s in stolen) == 8000
     assert sum(s.sampled_calls for s in stolen) == 8000
+
+
+def test_calls_counted_apart_join_the_window_they_were_made_in():
+    w = WindowAggregator("cpu-interpreter", "host:1", start=T0)
+    counted = {"calls": 0}
+
+    def collect(windows):  # as the SDK's dispatch hands over its per-signature counts
+        if counted["calls"]:
+            windows.add_calls("rmsnorm", "float16", "h2048-r16", (8, 2048), "v1", counted["calls"])
+            counted["calls"] = 0
+
+    w.collect_with(collect)
+    w.collect_with(collect)  # once is enough
+    w.record("rmsnorm", "float16", "h2048-r16", [8, 2048], None, 30.0)
+    counted["calls"] = 6
+    (s,) = w.flush(T0 + 1)
+    # the counted calls name the variant that served the last of them: the earlier one's time goes
+    assert s.calls == 7 and s.sampled_calls == 0 and s.variant_id == "v1"
+    assert [(c.shape, c.calls) for c in s.shapes] == [([8, 2048], 7)]
+    assert w.flush(T0 + 2) == []
