@@ -7,8 +7,9 @@ from faststream import FastStream
 from opentelemetry import trace
 from opentelemetry.trace import TracerProvider
 
-from deployer import regression
+from deployer import canary_run, regression
 from deployer.campaign import AUTO_GATE, CampaignStore, approval_needed, record
+from deployer.canary_state import CanaryConfig
 from deployer.queue import watch_benchmark_queue
 from deployer.rollout import carry_out, current_trace_id, decide_approval
 from shared import subjects
@@ -32,6 +33,10 @@ def build_app(settings: Settings, tracer_provider: TracerProvider | None = None,
     broker.publisher(subjects.REFINE, stream=stream())
     broker.publisher(subjects.DEPLOY_PENDING, stream=stream())
     regression.register(broker, tracer)  # a live regression after a deploy is rolled back
+    # Canaries already running are decided even with new ones off; `canary` is what deploys start as.
+    canaries = CanaryConfig(max_s=settings.canary_max_s)
+    canary = canaries if settings.canary else None
+    canary_run.register(broker, canaries, tracer)
 
     @durable_subscriber(broker, subjects.BENCH_RESULT, ack_wait_s=60.0)
     async def on_bench_result(result: BenchResult) -> None:
@@ -83,11 +88,11 @@ def build_app(settings: Settings, tracer_provider: TracerProvider | None = None,
         if state.status == "awaiting_approval" and step.decision is not None:
             log.warning("campaign %s awaits approval: %s", campaign.campaign_id, state.reason)
         # Also after a duplicate: a step a crashed attempt left undone is finished here.
-        count_deploy(metrics, await carry_out(broker, store, registry, state, trace_id, tracer))
+        count_deploy(metrics, await carry_out(broker, store, registry, state, trace_id, tracer, canary))
 
     @durable_subscriber(broker, subjects.DEPLOY_APPROVAL, ack_wait_s=60.0)
     async def on_deploy_approval(approval: DeployApproval) -> None:
-        deploy = await decide_approval(broker, approval, tracer)
+        deploy = await decide_approval(broker, approval, tracer, canary)
         count_deploy(metrics, deploy)
         if approval.decision == "reject":
             metrics.campaigns.add(1, {"event": "rejected"})
@@ -97,6 +102,7 @@ def build_app(settings: Settings, tracer_provider: TracerProvider | None = None,
     @app.after_startup
     async def _watch_queue() -> None:
         watching.append(asyncio.create_task(watch_benchmark_queue(broker.connection.jetstream(), metrics)))
+        watching.append(asyncio.create_task(canary_run.keep_sweeping(broker, canaries, tracer)))
 
     @app.on_shutdown
     async def _stop_watching() -> None:
@@ -107,7 +113,7 @@ def build_app(settings: Settings, tracer_provider: TracerProvider | None = None,
 
 
 def count_deploy(metrics: LoopMetrics, event) -> None:
-    if isinstance(event, Deploy):
+    if isinstance(event, Deploy):  # counted when its canary starts (or, without canaries, when final)
         who = "gate" if event.approved_by == "auto-gate" else "person"
         metrics.deploys.add(1, {"op": event.key.op, "approved_by": who})
         metrics.campaigns.add(1, {"op": event.key.op, "event": "deployed"})

@@ -13,6 +13,7 @@ from typing import Callable, Literal, TypeVar
 import nats.js.errors
 from faststream.nats import NatsBroker
 from nats.js.kv import KeyValue
+from pydantic import BaseModel
 
 from deployer.gate import Decision, decide
 from shared import subjects
@@ -191,6 +192,38 @@ def mark_abandoned(state: CampaignState, reason: str) -> CampaignState:
 # ---- the KV-backed store ------------------------------------------------------------------------
 
 T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
+
+
+async def read_record(kv: KeyValue, key: str, model: type[M]) -> tuple[M | None, int]:
+    """A KV record and its revision; (None, 0) when there is none."""
+    try:
+        entry = await kv.get(key)
+    except nats.js.errors.KeyNotFoundError:
+        return None, 0
+    return model.model_validate_json(entry.value), entry.revision
+
+
+async def update_record(kv: KeyValue, key: str, model: type[M], change: Callable[[M | None], tuple[M, T]],
+                        attempts: int = 50) -> tuple[M, T]:
+    """Apply a pure transition to a KV record with compare-and-set; on a conflict re-read and apply
+    it again, so two deployer replicas never lose an update."""
+    for attempt in range(attempts):
+        old, revision = await read_record(kv, key, model)
+        new, out = change(old)
+        if new == old:
+            return new, out
+        value = new.model_dump_json().encode()
+        try:
+            if revision:
+                await kv.update(key, value, last=revision)
+            else:
+                await kv.create(key, value)
+            return new, out
+        except nats.js.errors.KeyWrongLastSequenceError:
+            # Another replica wrote first; a short random pause keeps two from colliding again.
+            await asyncio.sleep(random.uniform(0, 0.01 * (attempt + 1)))
+    raise RuntimeError(f"{key}: record kept changing under {attempts} attempts to update it")
 
 
 class CampaignStore:
@@ -203,32 +236,14 @@ class CampaignStore:
         return cls(await broker.key_value(subjects.CAMPAIGN_BUCKET, history=subjects.CAMPAIGN_HISTORY,
                                            replicas=replicas()))
 
-    async def _read(self, campaign_id: str) -> tuple[CampaignState | None, int]:
-        try:
-            entry = await self.kv.get(campaign_key(campaign_id))
-        except nats.js.errors.KeyNotFoundError:
-            return None, 0
-        return CampaignState.model_validate_json(entry.value), entry.revision
-
     async def get(self, campaign_id: str) -> CampaignState | None:
-        return (await self._read(campaign_id))[0]
+        return (await read_record(self.kv, campaign_key(campaign_id), CampaignState))[0]
 
     async def update(self, campaign_id: str,
                      change: Callable[[CampaignState | None], tuple[CampaignState, T]]) -> tuple[CampaignState, T]:
         """Apply a pure transition with compare-and-set; on a conflict re-read and apply it again."""
-        for attempt in range(self.attempts):
-            old, revision = await self._read(campaign_id)
-            new, out = change(old)
-            if new == old:
-                return new, out
-            value = new.model_dump_json().encode()
-            try:
-                if revision:
-                    await self.kv.update(campaign_key(campaign_id), value, last=revision)
-                else:
-                    await self.kv.create(campaign_key(campaign_id), value)
-                return new, out
-            except nats.js.errors.KeyWrongLastSequenceError:
-                # Another replica wrote first; a short random pause keeps two from colliding again.
-                await asyncio.sleep(random.uniform(0, 0.01 * (attempt + 1)))
-        raise RuntimeError(f"campaign {campaign_id}: state kept changing under {self.attempts} attempts to update it")
+        try:
+            return await update_record(self.kv, campaign_key(campaign_id), CampaignState, change, self.attempts)
+        except RuntimeError:
+            raise RuntimeError(f"campaign {campaign_id}: state kept changing under {self.attempts} attempts "
+                               "to update it") from None

@@ -3,9 +3,10 @@ deployed kernel made the step faster beyond the noise (promote), slower or not f
 or whether more windows are needed (continue). Plain code: a workload summarises, the deployer
 merges every process's summaries and decides.
 
-Method. The arms take turns in slots (arm_for_slot); slots 2w and 2w+1 are window w, in which each
-arm serves once. Per window and step kind each arm gives one number, its median step time, so a
-burst (GC pause, a neighbour's traffic) inside a slot moves it little; the decision is on the
+Method. The arms take turns in slots (arm_for_slot, shared/canary.py with the summary both sides
+use); slots 2w and 2w+1 are window w, in which each arm serves once. Per window and step kind each
+arm gives one number, its median step time, so a burst (GC pause, a neighbour's traffic) inside a
+slot moves it little; the decision is on the
 paired per-window log ratios log(candidate / incumbent), which cancel drift both arms share. Their
 20% trimmed mean with the Tukey-McLaughlin (Yuen) standard error and an exact Student t quantile
 gives the interval; trimming drops windows that a long burst hit on one side only. The canary is
@@ -17,101 +18,15 @@ share of step time; a kind that is clearly slower withdraws the canary whatever 
 Kinds with fewer than min_windows windows are not judged and left out of the combination.
 """
 import functools
-import itertools
 import math
-import random
 import statistics
 from dataclasses import dataclass, replace
-from typing import Iterable, Literal, NamedTuple
+from typing import Iterable, Literal
 
-Arm = Literal["candidate", "incumbent"]
-ARMS: tuple[Arm, Arm] = ("candidate", "incumbent")
+# Re-exported: the deployer's callers and tests name them here.
+from shared.canary import ARMS, Arm, Step, WindowPair, arm_for_slot, merge, summarise  # noqa: F401
+
 Action = Literal["promote", "withdraw", "continue"]
-
-
-def arm_for_slot(slot: int, seed: int | None = None) -> Arm:
-    """The arm that serves slot `slot`; slots 2w and 2w+1 form window w and serve one arm each.
-    Without a seed the order is ABBA ABBA..., so a linear drift costs both arms alike over two
-    windows; with one it is a seeded random order, so nothing periodic can line up with an arm."""
-    if slot < 0:
-        raise ValueError(f"slot must be >= 0, got {slot}")
-    window, second = divmod(slot, 2)
-    candidate_first = window % 2 == 0 if seed is None else random.Random(f"{seed}:{window}").random() < 0.5
-    return ARMS[second] if candidate_first else ARMS[1 - second]
-
-
-def _check_time(name: str, value: float) -> None:
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite positive time, got {value!r}")
-
-
-class Step(NamedTuple):
-    """One model step as the workload records it."""
-    window: int
-    arm: str
-    step_kind: str
-    time_us: float
-
-
-@dataclass(frozen=True)
-class WindowPair:
-    """What a workload sends per step kind and window: each arm's median step time and step count.
-    (step_kind, source, window) is its key, so a redelivered copy merges away."""
-    step_kind: str
-    source: str  # the workload process: windows of different processes are different pairs
-    window: int
-    candidate_us: float
-    incumbent_us: float
-    candidate_steps: int
-    incumbent_steps: int
-
-    def __post_init__(self) -> None:
-        if not self.step_kind:
-            raise ValueError("step_kind must not be empty")
-        if self.window < 0:
-            raise ValueError(f"window must be >= 0, got {self.window}")
-        _check_time("candidate_us", self.candidate_us)
-        _check_time("incumbent_us", self.incumbent_us)
-        if self.candidate_steps < 1 or self.incumbent_steps < 1:
-            raise ValueError(f"each arm needs >= 1 step in a pair, got candidate_steps={self.candidate_steps}, "
-                             f"incumbent_steps={self.incumbent_steps}")
-
-    @property
-    def key(self) -> tuple[str, str, int]:
-        return self.step_kind, self.source, self.window
-
-    @property
-    def log_ratio(self) -> float:
-        return math.log(self.candidate_us / self.incumbent_us)
-
-
-def summarise(steps: Iterable[Step], source: str) -> tuple[WindowPair, ...]:
-    """One WindowPair per (step kind, window) in which both arms ran. A window still missing an arm
-    is left out: the workload sends it once complete, and a pair, once sent, never changes."""
-    times: dict[tuple[str, int], dict[str, list[float]]] = {}
-    for step in steps:
-        if step.arm not in ARMS:
-            raise ValueError(f"unknown arm {step.arm!r}, expected one of {ARMS}")
-        _check_time(f"time_us of a {step.step_kind!r} step in window {step.window}", step.time_us)
-        times.setdefault((step.step_kind, step.window), {arm: [] for arm in ARMS})[step.arm].append(step.time_us)
-    pairs = []
-    for (kind, window), arms in sorted(times.items()):
-        cand, inc = arms["candidate"], arms["incumbent"]
-        if cand and inc:
-            pairs.append(WindowPair(kind, source, window, statistics.median(cand), statistics.median(inc),
-                                    len(cand), len(inc)))
-    return tuple(pairs)
-
-
-def merge(*summaries: Iterable[WindowPair]) -> tuple[WindowPair, ...]:
-    """Every process's and every flush's pairs as one summary, sorted by key. The same pair twice
-    (redelivery) counts once; two different pairs under one key are a bug upstream and raise."""
-    merged: dict[tuple[str, str, int], WindowPair] = {}
-    for pair in itertools.chain(*summaries):
-        if merged.setdefault(pair.key, pair) != pair:
-            raise ValueError(f"conflicting summaries for step kind {pair.step_kind!r}, source {pair.source!r}, "
-                             f"window {pair.window}")
-    return tuple(merged[key] for key in sorted(merged))
 
 
 @dataclass(frozen=True)

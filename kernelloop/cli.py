@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--deadline-s", type=float, default=None,
                     help="with --demo: longest wait for the second deploy (rmsnorm, 480), or longest the traffic "
                          "runs from its first phase (llama, 300)")
-    up.add_argument("--shapes", type=_shape, nargs=2, default=[[8, 2048], [16, 4096]], metavar="ROWSxHIDDEN",
+    up.add_argument("--shapes", type=_shape, nargs=2, default=[[8, 1024], [16, 2048]], metavar="ROWSxHIDDEN",
                     help="with --workload rmsnorm: the shape before and after the shift")
     up.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                     help="with --demo (rmsnorm: float16, llama: bfloat16)")

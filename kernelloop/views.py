@@ -34,10 +34,13 @@ async def _status(nats_url: str) -> dict:
         js = nc.jetstream()
         deployed = await history.deployed(js)
         campaigns = await history.in_flight(js)
+        canaries = await history.canaries(js)
         traces = await _trace_summaries(js)
     return {"deployed": {k: {"revision": r, **e.model_dump(mode="json", exclude={"source"})}
                          for k, (r, e) in sorted(deployed.items())},
             "campaigns": campaigns,
+            "canaries": [{**c.model_dump(mode="json", exclude={"windows"}), "line": history.canary_line(c)}
+                         for c in canaries],
             "traces": [t.model_dump(mode="json") for t in traces]}
 
 
@@ -75,11 +78,17 @@ def cmd_status(args, settings: Settings) -> int:
     for hardware, rows in sorted(by_hardware.items()):
         print(f"  {hardware}")
         for key, row in rows:
-            print(f"    {key:<32} {row['variant_id']}  {row['speedup']:.2f}x  rev {row['revision']}  "
-                  f"by {row['approved_by']}  campaign {row['campaign_id']}")
+            step = f" (step {row['step_speedup']:.2f}x)" if row.get("step_speedup") else ""
+            print(f"    {key:<32} {row['variant_id']}  {row['speedup']:.2f}x  {row.get('stage', 'promoted')}{step}  "
+                  f"rev {row['revision']}  by {row['approved_by']}  campaign {row['campaign_id']}")
     print("campaigns in flight" if status["campaigns"] else "campaigns in flight: none")
     for c in status["campaigns"]:
         print(f"  {c['campaign_id']}  {c['key']}  {c['stage']}")
+    print("canaries (one at a time per hardware)" if status["canaries"] else "canaries: none")
+    for c in status["canaries"]:
+        print(f"  {c['hardware']}  {'last: ' if c['done'] else ''}{c['line']}")
+        if c["waiting"]:
+            print(f"    waiting their turn: campaigns {', '.join(c['waiting'])}")
     print("profiler traces (hot ops, share of the trace's op time)" if status["traces"] else "profiler traces: none")
     for t in status["traces"]:
         print("\n".join(format_trace(t)))
@@ -126,8 +135,8 @@ async def _registry_json(nats_url: str, args) -> int:
             print(f"  rev {row['revision']:<4} fallback serves (entry deleted)")
             continue
         when = row["deployed_at"][:19].replace("T", " ")
-        print(f"  rev {row['revision']:<4} {row['variant_id']}  {row['speedup']:.2f}x  {when}  "
-              f"by {row['approved_by']}  "
+        print(f"  rev {row['revision']:<4} {row['variant_id']}  {row['speedup']:.2f}x  {row.get('stage', 'promoted')}  "
+              f"{when}  by {row['approved_by']}  "
               f"campaign {row['campaign_id']}  (was {row['previous_variant_id'] or 'fallback'})")
     return 0
 

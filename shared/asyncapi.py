@@ -26,14 +26,18 @@ ABOUT = {
     subjects.VARIANT_READY: "A Triton variant to benchmark; its id is the hash of its source and params.",
     subjects.BENCH_RESULT: "Correctness and timings of one variant against the incumbent.",
     subjects.REFINE: "The next round a campaign needs: what failed, the best so far, the budget left.",
-    subjects.DEPLOY: "A variant now serves a key (or a rollback restored one); the registry revision it wrote.",
+    subjects.DEPLOY: "A variant now serves a key as a canary, was promoted or withdrawn after it, or a rollback "
+                     "restored one; the registry revision it wrote.",
     subjects.PROFILER_TRACE: "A PyTorch profiler trace (Chrome trace JSON) to turn into kernel.stats.",
     subjects.DEPLOY_PENDING: "A winner the deploy policy holds for a person; answer on deploy.approval.",
     subjects.DEPLOY_APPROVAL: "Approve or reject a pending deploy; any client may publish it.",
+    subjects.CANARY_REPORT: "A workload's A/B of a canary deploy: per step kind and window, each arm's median "
+                            "step time; the deployer promotes or withdraws the canary on them.",
 }
 # Subjects published from outside the five services.
 CLIENTS = {
     subjects.KERNEL_STATS: "Workload",  # the observer SDK inside the inference process
+    subjects.CANARY_REPORT: "Workload",
     subjects.PROFILER_TRACE: "People",  # `kernelloop observe trace`; the workload user may send kernel.stats only
     subjects.USAGE_CHANGED: "People",  # e.g. a planned model roll-out
     subjects.DEPLOY_APPROVAL: "People",

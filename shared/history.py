@@ -13,8 +13,9 @@ from pydantic import ValidationError
 
 from shared import subjects
 from shared.registry import Registry, read_campaign
-from shared.schemas import (BY_SUBJECT, BenchResult, CampaignState, Deploy, DeployApproval, DeployPending, Event,
-                            Hypothesis, KernelStats, ProfilerTrace, Refine, RegistryEntry, UsageChanged, VariantReady)
+from shared.schemas import (BY_SUBJECT, BenchResult, CampaignState, CanaryReport, CanaryState, Deploy, DeployApproval,
+                            DeployPending, Event, Hypothesis, KernelStats, ProfilerTrace, Refine, RegistryEntry,
+                            UsageChanged, VariantReady)
 
 
 @dataclass
@@ -111,6 +112,35 @@ async def campaign_states(js: JetStreamContext) -> list[CampaignState]:
     return states
 
 
+async def canaries(js: JetStreamContext) -> list[CanaryState]:
+    """The deployer's canary record of every hardware: the one in flight there, or the last one."""
+    store = await kv(js, subjects.CANARY_BUCKET)
+    states = []
+    for key in await keys(store):
+        try:
+            states.append(CanaryState.model_validate_json((await store.get(key)).value))
+        except (nats.js.errors.KeyNotFoundError, ValidationError):
+            continue
+    return states
+
+
+def canary_line(c: CanaryState) -> str:
+    """One canary as `kernelloop status` shows it: what runs against what, the figures so far, the end."""
+    key = f"{c.key.op}.{c.key.dtype}.{c.key.bucket}"
+    against = f"{c.variant_id} vs {c.incumbent_variant_id or 'fallback'}"
+    sources = len(c.windows)
+    figures = (f"step {c.step_speedup:.3f}x" + (f" CI [{c.step_speedup_ci[0]:.3f}, {c.step_speedup_ci[1]:.3f}]"
+                                                if c.step_speedup_ci else "")
+               if c.step_speedup else "no verdict yet")
+    evidence = f"{c.judged_windows} windows from {sources} process{'es' if sources != 1 else ''}"
+    if c.done:
+        return f"{key}  {against}  {c.outcome}  ({figures}, {evidence}; {c.reason})"
+    if c.revision is None:
+        return f"{key}  {against}  starting"
+    state = f"deciding: {c.action}" if c.action else "running"
+    return f"{key}  {against}  {state}  {figures}, {evidence}  (rev {c.revision})"
+
+
 def stage(state: CampaignState) -> str:
     """Where a campaign the deployer knows stands, in words."""
     if state.status == "awaiting_approval":
@@ -119,7 +149,7 @@ def stage(state: CampaignState) -> str:
     if state.status != "running":
         return state.status
     if state.pending == "deploy":
-        return "deploy"
+        return f"deploy {state.reason}" if state.reason.startswith("waits for the canary") else "deploy"
     if state.pending == "refine":
         return f"refine: generating round {state.next_round}"
     if state.results:
@@ -180,9 +210,14 @@ def summary(subject: str, event: Event | None, raw: bytes = b"") -> str:
             best = f"best {event.best[0].variant_id} {_x(event.best[0].weighted_speedup)}" if event.best else "no best"
             return f"campaign {event.campaign.campaign_id}  round {event.round}  {event.rounds_left} left  {best}"
         case Deploy():
-            kind = "rollback" if event.rollback else "deploy"
-            return (f"{event.key}  {kind} {event.variant_id}  {_x(event.speedup)}  rev {event.revision}  "
+            kind = {"canary": "canary", "withdrawn": "withdraw"}.get(event.stage, "rollback" if event.rollback else
+                                                                   "promote" if event.step_speedup else "deploy")
+            step = f"  step {_x(event.step_speedup)}" if event.step_speedup else ""
+            return (f"{event.key}  {kind} {event.variant_id}  {_x(event.speedup)}{step}  rev {event.revision}  "
                     f"by {event.approved_by}  (was {event.previous_variant_id or 'fallback'})")
+        case CanaryReport():
+            return (f"{event.key}  canary {event.variant_id} vs {event.incumbent_variant_id or 'fallback'}  "
+                    f"{len(event.windows)} windows ({event.measure}) from {event.source}")
         case DeployPending():
             return (f"campaign {event.campaign_id}  {event.key}  {event.variant_id}  {_x(event.speedup)}  waits: "
                     f"{event.policy}")

@@ -26,9 +26,10 @@ ROLES = {
     "generator": Role((subjects.VARIANT_READY,), (subjects.PROGRAM_BUCKET,)),
     "benchmarker": Role((subjects.BENCH_RESULT,), (subjects.HARDWARE_BUCKET,)),
     "deployer": Role((subjects.DEPLOY, subjects.DEPLOY_PENDING, subjects.REFINE),
-                     (subjects.REGISTRY_BUCKET, subjects.CAMPAIGN_BUCKET)),
-    # The inference process (observer SDK): publishes its stats; reads and watches the registry.
-    "workload": Role((subjects.KERNEL_STATS,), dead_letters=False),
+                     (subjects.REGISTRY_BUCKET, subjects.CAMPAIGN_BUCKET, subjects.CANARY_BUCKET)),
+    # The inference process (observer SDK): publishes its stats and its canaries' A/B; reads and
+    # watches the registry.
+    "workload": Role((subjects.KERNEL_STATS, subjects.CANARY_REPORT), dead_letters=False),
 }
 ADMIN = "admin"  # people and tools: the kernelloop CLI, approvals, hand-written events
 USERS = (*ROLES, ADMIN)
@@ -86,7 +87,7 @@ def render_config(listen: bool = True) -> str:
     lines = ["authorization {", "  users: ["]
     for user, role in ROLES.items():
         if user == "workload":
-            lines.append("    # The inference process (observer SDK): publishes its stats, watches the registry.")
+            lines.append("    # The inference process (observer SDK): publishes its stats and canary reports, watches the registry.")
         lines += [f"    {{user: {user}, password: ${password_variable(user)},",
                   f"     permissions: {{publish: {{allow: {_list(publish_allow(role))},",
                   f"                             deny: {_list(publish_deny(role))}}},",

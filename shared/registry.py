@@ -104,17 +104,20 @@ class Registry:
         return [Revision(e.revision, _parse(e)) for e in entries]
 
     async def rollback(self, key: KernelKey | str, approved_by: str = "rollback", trace_id: str | None = None,
-                       to: int | None = None) -> Revision:
+                       to: int | None = None, expect: int | None = None) -> Revision:
         """Serve the key with what served it before the current entry (or with what revision `to`
         held), as a new revision.
 
         The earlier entry is re-written (not the history rewound), so the rollback is itself in the
-        history and can be undone the same way. When the current entry replaced the op's fallback,
-        the key is deleted and the fallback serves again (entry None in the result). LookupError
-        when there is nothing to go back to; ValueError when `to` names no kept variant or the one
-        serving now."""
+        history and can be undone the same way; it comes back promoted, never as a canary. When the
+        current entry replaced the op's fallback, the key is deleted and the fallback serves again
+        (entry None in the result). LookupError when there is nothing to go back to; ValueError when
+        `to` names no kept variant or the one serving now; StaleRevision when `expect` is given and
+        the key is no longer at that revision."""
         history = await self.history(key)
         current = history[-1] if history else None
+        if expect is not None and (current is None or current.revision != expect):
+            raise StaleRevision(f"registry key {key} is no longer at revision {expect}")
         serving = current.entry.variant_id if current and current.entry else None
         if to is not None:
             target = next((r for r in history if r.revision == to), None)
@@ -135,12 +138,23 @@ class Registry:
                 raise LookupError(f"registry key {key}: previous variant {previous_id} is no longer in the kept history")
             earlier = kept[-1].entry
         entry = earlier.model_copy(update={
+            "stage": "promoted",
             "approved_by": approved_by,
             "previous_variant_id": serving,
             "trace_id": trace_id,
             "deployed_at": datetime.now(timezone.utc),
         })
         return Revision(await self.write(key, entry, current.revision if current else None), entry)
+
+    async def promote(self, key: KernelKey | str, revision: int, step_speedup: float | None = None) -> Revision:
+        """The canary entry at `revision`, written again as promoted (a new revision): its variant
+        goes on serving, now alone. StaleRevision when the key is no longer at that revision."""
+        current = await self.read(key)
+        if current is None or current.revision != revision:
+            raise StaleRevision(f"registry key {key} is no longer at revision {revision}")
+        entry = current.entry.model_copy(update={"stage": "promoted", "step_speedup": step_speedup,
+                                                 "deployed_at": datetime.now(timezone.utc)})
+        return Revision(await self.write(key, entry, revision), entry)
 
     async def deployed(self) -> dict[str, Revision]:
         """key -> what serves it, for every key a variant serves now."""

@@ -259,6 +259,15 @@ class Deploy(Event):
     approved_by: str
     rollback: bool = False
     trace_id: str | None = None  # the campaign's trace, for `kernelloop trace`
+    # What this deploy did with the variant: started its canary (it serves beside the incumbent
+    # until the workloads' step times decide), promoted it after the canary, or withdrew it (a
+    # rollback). A deploy without a canary, and a rollback after a live regression, read promoted.
+    stage: Literal["canary", "promoted", "withdrawn"] = "promoted"
+    # The canary's measure for promoted and withdrawn: incumbent / candidate step time and its CI.
+    step_speedup: float | None = Field(None, gt=0, allow_inf_nan=False)
+    step_speedup_ci_low: float | None = Field(None, ge=0, allow_inf_nan=False)
+    step_speedup_ci_high: float | None = Field(None, ge=0)  # inf while unbounded
+    detail: str = ""  # why, in words: the canary's verdict
 
 
 class DeployPending(Event):
@@ -308,6 +317,10 @@ class RegistryEntry(Model):
     deployed_at: datetime = Field(default_factory=_now)
     previous_variant_id: str | None = None
     trace_id: str | None = None
+    # canary: the workloads serve it beside previous_variant_id, in turns, and report their step
+    # times until the deployer promotes or withdraws it. Entries from before canaries read promoted.
+    stage: Literal["canary", "promoted"] = "promoted"
+    step_speedup: float | None = None  # what its canary measured (incumbent / candidate step time)
 
 
 CampaignStatus = Literal["running", "deployed", "exhausted", "awaiting_approval", "rejected"]
@@ -344,6 +357,64 @@ class CampaignState(Model):
     # variant_id -> the span that recorded its result, while its round is open: the span that closes
     # the round links them all, since its decision fans in from every result.
     result_spans: dict[str, str] = Field(default_factory=dict)
+
+
+class CanaryWindow(Model):
+    """One canary window of one step kind in one process: each arm's median step time and step
+    count (deployer/canary.py WindowPair, less the source its report names)."""
+
+    step_kind: str = Field(min_length=1, max_length=256)  # "decode:b16", "prefill:n1024", or the kernel key
+    window: int = Field(ge=0)
+    candidate_us: float = Field(gt=0, allow_inf_nan=False)
+    incumbent_us: float = Field(gt=0, allow_inf_nan=False)
+    candidate_steps: int = Field(ge=1)
+    incumbent_steps: int = Field(ge=1)
+
+
+class CanaryReport(Event):
+    """A workload's A/B of a canary entry: the windows it completed since its last report."""
+
+    key: KernelKey
+    variant_id: str  # the candidate
+    incumbent_variant_id: str | None = None  # None: the op's fallback
+    revision: int = Field(ge=1)  # the registry revision of the canary entry
+    source: str = Field(min_length=1, max_length=256)  # host:pid of the workload process
+    # step: one model forward (observe(model)); key: the key's own sampled time per call (ops only)
+    measure: Literal["step", "key"]
+    windows: list[CanaryWindow] = Field(default_factory=list)
+
+
+class CanaryState(Model):
+    """The deployer's record of the canary on one hardware (KV, subjects.CANARY_BUCKET, keyed by
+    the hardware token): the one in flight or the last one, and the deploys waiting their turn.
+    One canary at a time per hardware, so each step-time change is the candidate's."""
+
+    hardware: str
+    campaign_id: str
+    key: KernelKey
+    variant_id: str
+    incumbent_variant_id: str | None = None
+    speedup: float  # the benchmark's, for the Deploy events
+    speedup_ci_low: float
+    revision: int | None = None  # of the canary entry; None while claimed and not yet written
+    trace_id: str | None = None
+    span_id: str | None = None  # the deploy's span: the decision joins the campaign's trace there
+    claimed_at: datetime = Field(default_factory=_now)
+    written_at: datetime | None = None
+    # source -> the windows it reported so far; measure per source
+    windows: dict[str, list[CanaryWindow]] = Field(default_factory=dict)
+    measures: dict[str, Literal["step", "key"]] = Field(default_factory=dict)
+    last_report_at: datetime | None = None
+    # The verdict so far (the figures `kernelloop status` shows), then the decision.
+    step_speedup: float | None = None
+    step_speedup_ci: tuple[float, float] | None = None
+    judged_windows: int = 0
+    reason: str = ""
+    action: Literal["promote", "withdraw"] | None = None  # decided; carried out until done
+    outcome: str = ""  # what was done, in words, once done
+    done: bool = False
+    decided_at: datetime | None = None
+    waiting: list[str] = Field(default_factory=list)  # campaign ids whose deploys wait for this hardware
 
 
 class ProfilerTrace(Event):
@@ -402,4 +473,5 @@ BY_SUBJECT: dict[str, type[Event]] = {
     subjects.PROFILER_TRACE: ProfilerTrace,
     subjects.DEPLOY_PENDING: DeployPending,
     subjects.DEPLOY_APPROVAL: DeployApproval,
+    subjects.CANARY_REPORT: CanaryReport,
 }

@@ -19,9 +19,10 @@ class Settings(BaseSettings):
     otel_exporter_otlp_metrics_endpoint: str | None = Field(None, alias="OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
     state_dir: Path = Field(Path(".kernelloop"), alias="KERNELLOOP_STATE_DIR")
 
-    # Observer SDK: a window is published every window_s; one call in sample_every is timed.
+    # Observer SDK: a window is published every window_s; a key's first calls, then one in
+    # sample_every, are timed (observer/sdk/dispatch.py says why 256: under 1 % of a decode step).
     window_s: float = Field(5.0, alias="KERNELLOOP_WINDOW_S")
-    sample_every: int = Field(8, alias="KERNELLOOP_SAMPLE_EVERY")
+    sample_every: int = Field(256, ge=1, alias="KERNELLOOP_SAMPLE_EVERY")
     # observe() waits this long for the registry's current entries, so deployed variants serve the
     # first calls; 0 returns at once (deployed variants then swap in as they load).
     registry_wait_s: float = Field(5.0, ge=0, alias="KERNELLOOP_REGISTRY_WAIT_S")
@@ -68,6 +69,15 @@ class Settings(BaseSettings):
     # is the older spelling of manual and still wins when set.
     deploy_policy: Literal["auto", "manual", "manual_above"] = Field("auto", alias="KERNELLOOP_DEPLOY_POLICY")
     approval_share: float = Field(0.5, ge=0, le=1, alias="KERNELLOOP_APPROVAL_SHARE")
+    # Canary: a deploy first serves beside the incumbent, in turns, and is promoted only when the
+    # workloads' step time is faster beyond the noise (deployer/canary.py); off, a deploy is final.
+    canary: bool = Field(True, alias="KERNELLOOP_CANARY")
+    # The longest a canary may run without a verdict (or without any report): then it is withdrawn,
+    # since nothing was validated. It holds its hardware's other deploys meanwhile, so not hours.
+    canary_max_s: float = Field(180.0, gt=0, alias="KERNELLOOP_CANARY_MAX_S")
+    # Workload SDK: how long each arm serves in turn. Two slots make a window, one pair per step
+    # kind; 1 s holds tens of steps of a serving model, and a verdict needs 6 windows at least.
+    canary_slot_s: float = Field(1.0, gt=0, alias="KERNELLOOP_CANARY_SLOT_S")
 
     # Generator's LLM strategy: any OpenAI-compatible endpoint; off while no base URL is set.
     openai_base_url: str | None = Field(None, alias="OPENAI_BASE_URL")

@@ -12,12 +12,13 @@ DEPLOY = "deploy"
 PROFILER_TRACE = "profiler.trace"  # raw PyTorch profiler traces for the observer service
 DEPLOY_PENDING = "deploy.pending"  # a winner held for a person's approval
 DEPLOY_APPROVAL = "deploy.approval"  # a person's approve or reject of a pending deploy
+CANARY_REPORT = "canary.report"  # a workload's A/B of a canary deploy: step times per arm and window
 
 # A message a stage cannot use goes to dead.<its subject>, with the reason (shared/broker.py).
 DEAD_LETTER_PREFIX = "dead"
 
 ALL = [KERNEL_STATS, USAGE_CHANGED, HYPOTHESIS, VARIANT_READY, BENCH_RESULT, REFINE, DEPLOY, PROFILER_TRACE,
-       DEPLOY_PENDING, DEPLOY_APPROVAL, f"{DEAD_LETTER_PREFIX}.>"]
+       DEPLOY_PENDING, DEPLOY_APPROVAL, CANARY_REPORT, f"{DEAD_LETTER_PREFIX}.>"]
 
 # JetStream key-value buckets.
 REGISTRY_BUCKET = "kernelloop-registry"    # <hardware>.<op>.<dtype>.<bucket> -> RegistryEntry
@@ -25,6 +26,8 @@ CAMPAIGN_BUCKET = "kernelloop-campaigns"   # campaign_id -> deployer's round sta
 # Every creator of a bucket uses these histories: the server refuses a re-declaration that differs.
 REGISTRY_HISTORY = 16  # deploys kept per key, for rollback
 CAMPAIGN_HISTORY = 1
+CANARY_BUCKET = "kernelloop-canaries"      # <hardware> -> the deployer's canary on it (CanaryState)
+CANARY_HISTORY = 1
 PROGRAM_BUCKET = "kernelloop-programs"     # generator's program database, campaigns and bandit
 PROGRAM_HISTORY = 1
 OPS_BUCKET = "kernelloop-ops"              # user-added ops (KernelBench-format source) by name
@@ -56,4 +59,5 @@ DURABLE = {
     BENCH_RESULT: "deployer",
     PROFILER_TRACE: "observer-traces",
     DEPLOY_APPROVAL: "deployer-approval",
+    CANARY_REPORT: "deployer-canary",
 }

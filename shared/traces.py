@@ -3,8 +3,8 @@ draw it as a tree with durations and a waterfall bar (what `kernelloop trace` pr
 from collections import defaultdict
 
 # Attributes worth showing beside a span's name, in this order.
-SHOWN = ("kernel_key", "campaign_id", "variant_id", "strategy", "round", "status", "speedup", "decision", "decided_by",
-         "approved_by", "reason")
+SHOWN = ("kernel_key", "campaign_id", "variant_id", "strategy", "round", "status", "stage", "action", "speedup",
+         "speedup_ci_low", "speedup_ci_high", "windows", "decision", "decided_by", "approved_by", "reason")
 LONGEST = 60  # characters of one attribute value; a tree line should stay one line
 
 

@@ -1,6 +1,8 @@
-"""The demo workload: RMSNorm on one shape, then its usage shifts to another. It runs until the loop
-has deployed a kernel for the new shape and that kernel has served two windows (or a deadline), and
-returns what each key cost per call before and after its deploy."""
+"""The demo workload: RMSNorm on one shape, then its usage shifts to another, larger one (the first
+keeps a share of the calls). Each deploy starts as a canary, served by turns with the fallback until
+the deployer promotes or withdraws it. The demo runs until the new shape's kernel is decided, and,
+once promoted, has served two windows, with no canary left in flight (or a deadline), and returns
+what each key cost per call before and after its deploy and what its canary decided."""
 import argparse
 import logging
 import queue
@@ -16,7 +18,9 @@ from shared.settings import Settings
 from shared.telemetry import setup_tracing
 
 OP = "rmsnorm"
-SHAPES = ([8, 2048], [16, 4096])  # decode-sized rows, then a wider model with more rows
+# Decode-sized rows, then a wider model with more rows. Small enough that the interpreter serves a
+# call in a few tens of ms and each 2 s canary slot holds several calls of each key.
+SHAPES = ([8, 1024], [16, 2048])
 
 
 def per_call_us(windows: list[KernelStats]) -> float | None:
@@ -48,7 +52,25 @@ def variant_text(row: dict) -> str:
     """The summary tables' variant cell: what was deployed, and whether it still serves."""
     if not row["variant_id"]:
         return "none deployed"
-    return f"{row['variant_id']} (withdrawn: {row['withdrawn']})" if row.get("withdrawn") else row["variant_id"]
+    if row.get("withdrawn"):
+        return f"{row['variant_id']} (withdrawn: {row['withdrawn']})"
+    return f"{row['variant_id']} (in its canary)" if row.get("stage") == "canary" else row["variant_id"]
+
+
+def stage(deploy: DeployRecord | None, withdrawn_why: str | None) -> str | None:
+    """Where the key's last deploy stands here: canary (served by turns), promoted, or withdrawn."""
+    if deploy is None:
+        return None
+    return "withdrawn" if withdrawn_why else deploy.stage
+
+
+def canary_text(row: dict) -> str:
+    """The summary tables' canary cell: what the canary decided, with the step speedup it measured."""
+    if not row.get("stage"):
+        return "-"
+    if row["stage"] == "promoted" and row.get("step_speedup"):
+        return f"promoted ({row['step_speedup']:.2f}x served)"
+    return row["stage"]
 
 
 def summarise(windows: list[KernelStats], deploys: list[DeployRecord], keys: list[str],
@@ -61,6 +83,7 @@ def summarise(windows: list[KernelStats], deploys: list[DeployRecord], keys: lis
         deploy = next((d for d in reversed(deploys) if d.key == key), None)
         before = per_call_us([w for w in mine if w.variant_id is None])
         after = per_call_us([w for w in mine if deploy and w.variant_id == deploy.variant_id])
+        why = withdrawn(key, deploy, withdrawals)
         rows.append({
             "key": key,
             "calls": sum(w.calls for w in mine),
@@ -71,7 +94,9 @@ def summarise(windows: list[KernelStats], deploys: list[DeployRecord], keys: lis
             "speedup": deploy.speedup if deploy else None,
             "campaign_id": deploy.campaign_id if deploy else None,
             "trace_id": deploy.trace_id if deploy else None,
-            "withdrawn": withdrawn(key, deploy, withdrawals),
+            "withdrawn": why,
+            "stage": stage(deploy, why),
+            "step_speedup": deploy.step_speedup if deploy else None,
         })
     return {"op": OP, "interpreter": interpreter, "keys": rows}
 
@@ -89,12 +114,12 @@ def speedup_text(v: float | None) -> str:
 def format_summary(summary: dict) -> str:
     """A markdown table of summarise()'s result."""
     lines = ["| key | calls | before us/call (fallback) | after us/call | variant | speedup (benchmark) "
-             "| speedup (served) | trace |", "|---|---:|---:|---:|---|---:|---:|---|"]
+             "| speedup (served) | canary | trace |", "|---|---:|---:|---:|---|---:|---:|---|---|"]
     for r in summary["keys"]:
         lines.append(f"| {r['key']} | {r['calls']} | {us_text(r['before_us_per_call'])} "
                      f"| {us_text(r['after_us_per_call'])} | {variant_text(r)} "
                      f"| {speedup_text(r['speedup'])} | {speedup_text(r['measured_speedup'])} "
-                     f"| {r['trace_id'] or '-'} |")
+                     f"| {canary_text(r)} | {r['trace_id'] or '-'} |")
     if summary["interpreter"]:
         lines.append("\nTimes measure the Triton interpreter on the CPU, not a GPU: they show the loop "
                      "working, not GPU kernel speed.")
@@ -103,8 +128,11 @@ def format_summary(summary: dict) -> str:
 
 def run_demo(runtime: Runtime, phase_s: float = 60.0, shapes=SHAPES, dtype: str = "float16",
              deadline_s: float = 900.0, calls_per_window: int = 30, echo=print) -> dict:
-    """Phase 1 calls ops.rmsnorm on shapes[0] for phase_s; phase 2 on shapes[1] until its key's
-    deployed variant has served two windows, or deadline_s into phase 2. Returns summarise()'s dict."""
+    """Phase 1 calls ops.rmsnorm on shapes[0] for phase_s; phase 2 on shapes[1], and on the earlier
+    shape too (usage shifts, the old traffic does not vanish: a kernel deployed for it meanwhile has
+    calls for its canary), until the last key's deploy is decided here (withdrawn, or promoted and
+    then served two windows) and no canary is in flight here, or deadline_s into phase 2. Returns
+    summarise()'s dict."""
     op = get_op(OP)
     interpreter = hardware.interpreted()
     device = hardware.device()
@@ -120,12 +148,20 @@ def run_demo(runtime: Runtime, phase_s: float = 60.0, shapes=SHAPES, dtype: str 
                 windows.append(stats)
                 echo(_describe(stats, interpreter))
 
-    def served_windows(key: str) -> int:
+    def decided(key: str) -> bool:
+        """The key's deploy is withdrawn here, or promoted and has served two windows since."""
         deploy = next((d for d in reversed(runtime.deploys) if d.key == key), None)
-        if deploy is None or runtime.dispatcher.serving(key) != deploy.variant_id:
-            return 0
-        return sum(1 for w in windows if str(w.key) == key and w.variant_id == deploy.variant_id)
+        if deploy is None or runtime.canaries:
+            return False
+        if withdrawn(key, deploy, runtime.withdrawals):
+            return True
+        if deploy.stage != "promoted" or runtime.dispatcher.serving(key) != deploy.variant_id:
+            return False
+        since = deploy.time.timestamp()
+        return sum(1 for w in windows if str(w.key) == key and w.variant_id == deploy.variant_id
+                   and w.window_start.timestamp() >= since) >= 2
 
+    earlier = []  # the inputs of earlier phases, which keep a share of the calls
     try:
         for phase, (shape, key) in enumerate(zip(shapes, keys), start=1):
             last = phase == len(shapes)
@@ -136,13 +172,17 @@ def run_demo(runtime: Runtime, phase_s: float = 60.0, shapes=SHAPES, dtype: str 
             while time.monotonic() < until:
                 started = time.monotonic()
                 ops.rmsnorm(x, weight)
+                for old in earlier:
+                    ops.rmsnorm(*old)
                 drain()
-                if last and served_windows(key) >= 2:
+                if last and decided(key):
                     break
-                time.sleep(max(0.0, pause_s - (time.monotonic() - started)))
+                time.sleep(max(0.0, pause_s * (1 + len(earlier)) - (time.monotonic() - started)))
             else:
                 if last:
-                    echo(f"phase {phase}: deadline of {deadline_s:.0f} s passed before a deploy served {key}")
+                    echo(f"phase {phase}: deadline of {deadline_s:.0f} s passed before a deploy for {key} was "
+                         "decided")
+            earlier.append((x, weight))
     finally:
         runtime.window_listeners.remove(arrived.put)
     drain()
@@ -151,8 +191,12 @@ def run_demo(runtime: Runtime, phase_s: float = 60.0, shapes=SHAPES, dtype: str 
 
 # The loop's pace for the demo: short windows and modest repetitions, so a campaign on the
 # interpreter finishes in minutes. Anything already set in the environment wins.
+# Canary slots of 2 s hold a few interpreted calls of each key (a verdict takes 6 windows, 24 s at
+# least); a canary without a verdict after 2 minutes is withdrawn, so a stuck one holds the CPU's
+# other deploys no longer than that.
 DEMO_ENV = {"KERNELLOOP_WINDOW_S": "2", "KERNELLOOP_CONFIRM_WINDOWS": "2", "KERNELLOOP_BENCH_REPS": "10",
-            "KERNELLOOP_VARIANTS_PER_ROUND": "8", "KERNELLOOP_ROUNDS": "2"}
+            "KERNELLOOP_VARIANTS_PER_ROUND": "8", "KERNELLOOP_ROUNDS": "2", "KERNELLOOP_CANARY_SLOT_S": "2",
+            "KERNELLOOP_CANARY_MAX_S": "120"}
 
 
 def run_demo_loop(settings: Settings, nats_url: str | None = None, phase_s: float = 45.0, shapes=SHAPES,
@@ -193,8 +237,8 @@ def report(settings: Settings, result: dict, echo=print) -> int:
     path.write_text(json.dumps(result, indent=2, default=str))
     echo(f"\ncompared with: {result['fallback']}; device: {result['device']}")
     for d in result["deploys"]:
-        echo(f"trace {d['trace_id']} ({d['key']}): services {', '.join(d['trace_services'])}"
-             f"  -> kernelloop trace {d['campaign_id']}")
+        echo(f"trace {d['trace_id']} ({d['key']}, {d.get('stage') or 'deployed'}): services "
+             f"{', '.join(d['trace_services'])}  -> kernelloop trace {d['campaign_id']}")
     echo(f"summary written to {path}")
     return 0 if result["deploys"] else 1
 
@@ -215,6 +259,7 @@ def run_in_loop(settings: Settings, nats_url: str | None, demo_env: dict[str, st
         shutil.rmtree(state_dir / "nats", ignore_errors=True)  # a demo starts from an empty registry
     env = {k: os.environ.get(k, v) for k, v in demo_env.items()}
     window_s = float(env.get("KERNELLOOP_WINDOW_S", settings.window_s))
+    canary_slot_s = float(env.get("KERNELLOOP_CANARY_SLOT_S", settings.canary_slot_s))
     loop = supervisor.start(state_dir, nats_url=nats_url, env=env)
     try:
         loop.wait_ready()
@@ -232,7 +277,7 @@ def run_in_loop(settings: Settings, nats_url: str | None, demo_env: dict[str, st
     provider = setup_tracing("observer", settings.traces_dir, settings.otel_exporter_otlp_endpoint)
     # The workload connects as its own user: it may publish kernel.stats and read the registry, no more.
     runtime = observe(nats_url=loop.url_for("workload"), window_s=window_s, sample_every=sample_every,
-                      state_dir=state_dir)
+                      state_dir=state_dir, canary_slot_s=canary_slot_s)
     try:
         summary = work(runtime, watched)
     finally:

@@ -46,9 +46,12 @@ EXPECTED_OPS = ("rmsnorm", "rmsnorm_residual", "rotary", "silu_and_mul")
 # - 2 s windows and 2 confirming windows: a shift is detected in about 6 s.
 # - 20 timing repetitions: timing is ~15 ms of a variant's 2 s on a GPU; more repetitions narrow
 #   the confidence interval the gate reads.
+# - Canaries of 0.5 s slots: a phase's ten deploys are canaried one at a time on the one GPU, and at
+#   20 steps/s a slot holds ten steps, each calling a key once per layer; a verdict needs 6 windows
+#   (6 s). A canary left without traffic (its phase over) is withdrawn after 60 s, not the default 180.
 LLAMA_ENV = {"KERNELLOOP_WINDOW_S": "2", "KERNELLOOP_CONFIRM_WINDOWS": "2", "KERNELLOOP_BENCH_REPS": "20",
              "KERNELLOOP_VARIANTS_PER_ROUND": "4", "KERNELLOOP_ROUNDS": "2", "KERNELLOOP_MIN_EXPECTED_GAIN": "0.15",
-             "KERNELLOOP_BENCH_WORKERS": "3"}
+             "KERNELLOOP_BENCH_WORKERS": "3", "KERNELLOOP_CANARY_SLOT_S": "0.5", "KERNELLOOP_CANARY_MAX_S": "60"}
 
 # Three phases of 150 s, so that a phase's campaigns finish inside it and its deploys serve long
 # enough for the detector's check against what they replaced; the workload stops at 470 s (~8 min

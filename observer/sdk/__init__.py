@@ -23,6 +23,7 @@ from observer.sdk.hotswap import DeployRecord
 from observer.sdk.patching import PatchReport, patch, patched, unpatch
 from observer.sdk.runtime import Runtime
 from observer.sdk.sampling import Sampler, profiler_schedule
+from observer.sdk.steps import StepClock
 from shared.settings import Settings
 
 log = logging.getLogger("kernelloop.observer")
@@ -35,34 +36,43 @@ _runtime: Runtime | None = None
 def observe(target: torch.nn.Module | Callable | str | None = None, nats_url: str | None = None,
             hardware: str | None = None, window_s: float | None = None, sample_every: int | None = None,
             state_dir: Path | str | None = None, *, every: int | None = None,
-            active: int | None = None) -> Runtime | Sampler:
+            active: int | None = None, canary_slot_s: float | None = None) -> Runtime | Sampler:
     """Start publishing kernel.stats and following the registry; arguments left out come from the
     environment (shared.settings). One runtime per process: close() it before observing again.
 
     observe() or observe(nats_url): the ops' calls are published; returns the Runtime.
     observe(model) or observe(step_fn): besides, the PyTorch profiler records `active` steps in
     every `every` (KERNELLOOP_PROFILE_ACTIVE, KERNELLOOP_PROFILE_EVERY: 1 in 1000) and what they ran
-    is published too; nothing else of the serving code changes. A model is hooked in place (a step
-    is one top-level forward); a step function is called through the returned Sampler. The Sampler
-    is callable as its target; its close() stops sampling and the runtime it started (a runtime
-    already running is shared and left running)."""
+    is published too, and canaries measure the model's step time (observer/sdk/steps.py) instead
+    of the key's time per call; nothing else of the serving code changes. A model is hooked in
+    place (a step is one top-level forward); a step function is called through the returned
+    Sampler. The Sampler is callable as its target; its close() stops sampling and the runtime it
+    started (a runtime already running is shared and left running)."""
     if target is None or isinstance(target, str):
-        return _start_runtime(target or nats_url, hardware, window_s, sample_every, state_dir)
+        return _start_runtime(target or nats_url, hardware, window_s, sample_every, state_dir, canary_slot_s)
     if not callable(target):
         raise TypeError(f"observe() takes a model, a step function or a NATS URL, not {type(target).__name__}")
     settings = Settings()
     every, active = every or settings.profile_every, active or settings.profile_active
     profiler_schedule(every, active)  # refuses a bad rate before anything starts
     owned = _runtime is None or _runtime.closed
-    runtime = _start_runtime(nats_url, hardware, window_s, sample_every, state_dir) if owned else _runtime
-    sampler = Sampler(target, runtime.submit, dispatcher.hardware, runtime.windows.source, every=every,
-                      active=active, on_close=runtime.close if owned else None)
+    runtime = (_start_runtime(nats_url, hardware, window_s, sample_every, state_dir, canary_slot_s) if owned
+               else _runtime)
+    clock = StepClock(runtime.canary)
+
+    def closed() -> None:
+        clock.close()
+        if owned:
+            runtime.close()
+
+    sampler = Sampler(clock.attach(target), runtime.submit, dispatcher.hardware, runtime.windows.source,
+                      every=every, active=active, on_close=closed)
     atexit.register(sampler.close)  # runs before the runtime's close: its last range is published
     return sampler
 
 
 def _start_runtime(nats_url: str | None, hardware: str | None, window_s: float | None, sample_every: int | None,
-                   state_dir: Path | str | None) -> Runtime:
+                   state_dir: Path | str | None, canary_slot_s: float | None = None) -> Runtime:
     global _runtime
     if _runtime is not None and not _runtime.closed:
         raise RuntimeError("this process is already observed; close() the runtime first")
@@ -77,6 +87,7 @@ def _start_runtime(nats_url: str | None, hardware: str | None, window_s: float |
         window_s=window_s or settings.window_s,
         state_dir=Path(state_dir or settings.state_dir),
         replicas=settings.nats_replicas,
+        canary_slot_s=canary_slot_s or settings.canary_slot_s,
     )
     _runtime = runtime.start()
     atexit.register(runtime.close)  # the last window is worth a short wait at exit

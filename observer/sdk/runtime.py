@@ -1,5 +1,6 @@
 """The observing runtime: a background thread with its own asyncio loop that publishes each window
-of calls on kernel.stats and follows the registry, hot-swapping deployed variants into dispatch.
+of calls on kernel.stats, follows the registry, hot-swapping deployed variants into dispatch, and
+runs this process's side of the canaries: their slots and their reports on canary.report.
 
 Neither a missing server nor a missing stream ever blocks or fails the workload: windows wait in a
 bounded buffer until the stream exists (the services declare it; the runtime never does)."""
@@ -14,10 +15,11 @@ from typing import Callable
 import nats
 from nats.errors import Error as NatsError
 
+from observer.sdk.canary import CanaryController
 from observer.sdk.dispatch import Dispatcher
 from observer.sdk.hotswap import DeployRecord, HotSwap, Withdrawal
 from shared import subjects
-from shared.schemas import KernelStats
+from shared.schemas import CanaryReport, KernelStats
 from shared.settings import nats_servers
 from shared.windows import WindowAggregator
 
@@ -29,15 +31,19 @@ class Runtime:
     window_listeners, submit(), close()."""
 
     def __init__(self, dispatcher: Dispatcher, nats_url: str, source: str, window_s: float,
-                 state_dir: Path, max_buffered: int = 10_000, replicas: int = 1):
+                 state_dir: Path, max_buffered: int = 10_000, replicas: int = 1, canary_slot_s: float = 1.0):
         self.dispatcher = dispatcher
         self.nats_url = nats_url
         self.window_s = window_s
         self.cache_dir = Path(state_dir) / "variants"
-        self.hotswap = HotSwap(dispatcher, self.cache_dir, replicas)
+        self.canary = CanaryController(dispatcher, source, canary_slot_s)
+        self.hotswap = HotSwap(dispatcher, self.cache_dir, replicas, self.canary)
         # called from the background thread with each window's stats, e.g. by the demo's display
         self.window_listeners: list[Callable[[list[KernelStats]], None]] = []
         self.windows = WindowAggregator(dispatcher.hardware, source, start=time.time())
+        self.windows.on_sample = self.canary.on_sample
+        self._canary_reports: deque[CanaryReport] = deque(maxlen=1000)  # waiting for the server
+        self.canary_reports_sent = 0
         self._buffer: deque[KernelStats] = deque()
         self._submitted: deque[KernelStats] = deque()  # from other threads (the sampling observer)
         self._max_buffered = max_buffered
@@ -79,6 +85,11 @@ class Runtime:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def canaries(self) -> list[str]:
+        """The keys served by turns here now, each in its canary."""
+        return sorted(self.canary.trials)
+
     def serving(self, op: str, dtype: str, bucket: str) -> str | None:
         """The variant that serves (op, dtype, bucket) here now; None for the op's fallback."""
         return self.dispatcher.serving(self.dispatcher.key(op, dtype, bucket))
@@ -98,6 +109,7 @@ class Runtime:
             self._loop.call_soon_threadsafe(self._stop.set)
             self._thread.join(timeout + 5)
         self.dispatcher.windows = None
+        self.canary.close()
         self.dispatcher.table.clear()
 
     # ---- the background loop ------------------------------------------------------------------
@@ -117,7 +129,7 @@ class Runtime:
 
     async def _main(self) -> None:
         tasks = [asyncio.create_task(self._connect()), asyncio.create_task(self._publish_windows()),
-                 asyncio.create_task(self._follow_registry())]
+                 asyncio.create_task(self._follow_registry()), asyncio.create_task(self._run_canaries())]
         await self._stop.wait()
         for task in tasks:
             task.cancel()
@@ -203,6 +215,37 @@ class Runtime:
                 return False  # kept: the same event id makes a retry after a lost ack harmless
             self._buffer.popleft()
         return True
+
+    async def _run_canaries(self) -> None:
+        """Change the canaries' slots when due (unless steps drive them) and report their completed
+        windows every two slots. Nothing here waits on the workload, nor it on this."""
+        slot_s = self.canary.slot_s
+        tick_s = min(0.25, slot_s / 8)
+        next_report = time.monotonic() + 2 * slot_s
+        while True:
+            await asyncio.sleep(tick_s)
+            if not self.canary.trials and not self._canary_reports:
+                continue
+            self.dispatcher.resolve_timings()  # device timings of the slot ending: into its own window
+            self.canary.tick()
+            if time.monotonic() >= next_report:
+                next_report = time.monotonic() + 2 * slot_s
+                self._canary_reports.extend(self.canary.reports())
+                await self._send_canary_reports()
+
+    async def _send_canary_reports(self) -> None:
+        if self._nc is None or not self._nc.is_connected:
+            return
+        js = self._nc.jetstream()
+        while self._canary_reports:
+            report = self._canary_reports[0]
+            try:
+                await js.publish(subjects.CANARY_REPORT, report.model_dump_json().encode(), timeout=2.0,
+                                 stream=subjects.STREAM_NAME, headers={"Nats-Msg-Id": report.event_id})
+            except (NatsError, asyncio.TimeoutError):
+                return  # kept: the same event id makes a retry after a lost ack harmless
+            self._canary_reports.popleft()
+            self.canary_reports_sent += 1
 
     async def _follow_registry(self) -> None:
         while self._nc is None:

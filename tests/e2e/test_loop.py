@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 FIVE = {"observer", "detector", "generator", "benchmarker", "deployer"}
 # Small shapes and few repetitions: the interpreter is slow, and the test asserts the loop, not speed.
 FAST = {"KERNELLOOP_BENCH_REPS": "5", "KERNELLOOP_ROUNDS": "1", "KERNELLOOP_VARIANTS_PER_ROUND": "6",
-        "KERNELLOOP_WINDOW_S": "1", "TRITON_INTERPRET": "1"}
+        "KERNELLOOP_WINDOW_S": "1", "KERNELLOOP_CANARY_SLOT_S": "1", "TRITON_INTERPRET": "1"}
 
 
 def _env(nats_url: str, state_dir: Path) -> dict:
@@ -58,7 +58,7 @@ async def _deploy_events(nats_url: str) -> list[Deploy]:
         await nc.close()
 
 
-def test_shifted_workload_gets_a_deployed_kernel_it_then_serves(nats_url, tmp_path):
+def test_shifted_workload_gets_a_kernel_whose_canary_promotes_it_and_it_then_serves(nats_url, tmp_path):
     shifted = KernelKey(hardware="cpu-interpreter", op="rmsnorm", dtype="float32", bucket="h1024-r16")
     demo = _kernelloop("up", "--demo", "--phase-s", "15", "--deadline-s", "420", "--shapes", "4x384", "8x1024",
                        "--dtype", "float32", env=_env(nats_url, tmp_path), timeout=600)
@@ -70,13 +70,16 @@ def test_shifted_workload_gets_a_deployed_kernel_it_then_serves(nats_url, tmp_pa
     assert str(shifted) in deployed, f"no deploy for the shifted shape: {summary}"
     row = deployed[str(shifted)]
     assert row["after_us_per_call"] is not None, "the workload never served the deployed variant"
+    assert row["stage"] == "promoted" and row["step_speedup"] > 1, "the canary did not promote it"
     assert FIVE <= set(row["trace_services"]), row["trace_services"]
 
     entry = asyncio.run(_registry_entry(nats_url, str(shifted)))
     assert entry is not None and entry.variant_id == row["variant_id"] and entry.speedup > 1
-    assert entry.trace_id == row["trace_id"]
+    assert entry.trace_id == row["trace_id"] and entry.stage == "promoted"
     events = [e for e in asyncio.run(_deploy_events(nats_url)) if e.key == shifted]
-    assert [e.variant_id for e in events] == [row["variant_id"]], "expected exactly one deploy event"
+    assert [(e.variant_id, e.stage) for e in events] == [(row["variant_id"], "canary"), (row["variant_id"], "promoted")], \
+        "expected one deploy as a canary, then its promotion"
+    assert events[1].step_speedup_ci_low > 1 and events[1].trace_id == entry.trace_id
 
 
 def test_hand_published_usage_changed_runs_a_campaign_that_trace_shows(nats_url, tmp_path):

@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from shared import subjects, supervisor
-from shared.schemas import (BY_SUBJECT, BenchResult, Campaign, DeadLetter, DeployApproval, Hardware, Hypothesis,
-                            KernelKey, KernelStats, ProfilerTrace, Refine, ShapeCount, UsageChanged, VariantReady,
-                            WeightedShape)
+from shared.schemas import (BY_SUBJECT, BenchResult, Campaign, CanaryReport, CanaryWindow, DeadLetter, DeployApproval,
+                            Hardware, Hypothesis, KernelKey, KernelStats, ProfilerTrace, Refine, ShapeCount,
+                            UsageChanged, VariantReady, WeightedShape)
 from test_crash_recovery import FAST, _unfinished
 
 pytestmark = [pytest.mark.e2e, pytest.mark.nats]
@@ -42,6 +42,10 @@ VALID = {
                                        round_size=1, status="incorrect", hardware=HARDWARE),
     subjects.PROFILER_TRACE: ProfilerTrace(source="fuzz", hardware=KEY.hardware, trace={"traceEvents": []}),
     subjects.DEPLOY_APPROVAL: DeployApproval(campaign_id="fuzz", decision="reject", by="fuzz"),
+    subjects.CANARY_REPORT: CanaryReport(key=KEY, variant_id="v", revision=1, source="fuzz:1", measure="key",
+                                         windows=[CanaryWindow(step_kind=str(KEY), window=0, candidate_us=9.0,
+                                                               incumbent_us=10.0, candidate_steps=3,
+                                                               incumbent_steps=3)]),
 }
 VALID_JSON = {s: e.model_dump(mode="json") for s, e in VALID.items()}
 # Every durable consumer of each subject: each one dead-letters a message on its own.

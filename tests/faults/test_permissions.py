@@ -35,7 +35,8 @@ def test_generated_credentials_are_private_and_kept_across_starts(tmp_path):
 
 def test_only_the_deployer_may_publish_deploy_and_write_the_registry():
     deployer, workload = nats_auth.ROLES["deployer"], nats_auth.ROLES["workload"]
-    assert nats_auth.publish_allow(workload) == [*nats_auth.JETSTREAM, subjects.KERNEL_STATS]
+    assert nats_auth.publish_allow(workload) == [*nats_auth.JETSTREAM, subjects.KERNEL_STATS,
+                                                 subjects.CANARY_REPORT]
     for user, role in nats_auth.ROLES.items():
         allowed = nats_auth.publish_allow(role)
         if role is not deployer:
@@ -114,9 +115,11 @@ async def test_server_refuses_a_deploy_or_registry_write_from_the_workload_and_t
             await registry.get(key)
         assert (await js.stream_info(subjects.STREAM_NAME)).state.messages == 0, "no deploy event got in"
 
-        # What the workload does is allowed: publish its stats, read and watch the registry.
+        # What the workload does is allowed: publish its stats and canary reports, read and watch
+        # the registry.
         async def stats_and_read(js):
             await js.publish(subjects.KERNEL_STATS, b"{}", headers={"Nats-Msg-Id": "stats-1"})
+            await js.publish(subjects.CANARY_REPORT, b"{}", headers={"Nats-Msg-Id": "canary-1"})
             with pytest.raises(nats.js.errors.KeyNotFoundError):
                 await (await js.key_value(subjects.REGISTRY_BUCKET)).get(key)
 

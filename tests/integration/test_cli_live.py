@@ -57,9 +57,19 @@ def publish(nats_url: str, subject: str, event) -> None:
 @pytest.fixture
 def loop(nats_url, tmp_path):
     """The deployer running on its own under the manual policy; yields (nats_url, env for the CLI)."""
+    yield from _deployer(nats_url, tmp_path, {"KERNELLOOP_DEPLOY_POLICY": "manual"})
+
+
+@pytest.fixture
+def loop_without_canaries(nats_url, tmp_path):
+    """As loop, with deploys final at once: no workload here would ever decide a canary, and a second
+    deploy on a key waits for the first one's canary to end."""
+    yield from _deployer(nats_url, tmp_path, {"KERNELLOOP_DEPLOY_POLICY": "manual", "KERNELLOOP_CANARY": "0"})
+
+
+def _deployer(nats_url, tmp_path, service_env: dict):
     env = {**os.environ, "NATS_URL": nats_url, "KERNELLOOP_STATE_DIR": str(tmp_path), "KERNELLOOP_USER": "ci"}
-    running = supervisor.start(tmp_path, nats_url=nats_url, env={"KERNELLOOP_DEPLOY_POLICY": "manual"},
-                               services=("deployer",))
+    running = supervisor.start(tmp_path, nats_url=nats_url, env=service_env, services=("deployer",))
     try:
         deadline = time.monotonic() + 90
         while cli("health", "deployer", env=env).returncode != 0:
@@ -171,8 +181,8 @@ def test_any_client_may_approve_by_publishing_the_event_and_the_decision_is_on_t
     assert shown.returncode == 0 and "approve" in shown.stdout and "decide" in shown.stdout
 
 
-def test_rollback_restores_the_previous_variant_and_a_named_revision(loop):
-    nats_url, env = loop
+def test_rollback_restores_the_previous_variant_and_a_named_revision(loop_without_canaries):
+    nats_url, env = loop_without_canaries
     first = winner("camp-rb-1", 1024, 1.5)
     publish(nats_url, subjects.BENCH_RESULT, first)
     wait_pending(env, "camp-rb-1")

@@ -40,7 +40,9 @@ def result(c: Campaign, block: int, status: str, speedup: float | None, size: in
 
 async def run_history(nats_url: str, tmp_path) -> tuple[str, str]:
     """Two campaigns through a real deployer: the second beats the first's winner. Returns both winners."""
-    app = build_app(Settings(NATS_URL=nats_url, KERNELLOOP_STATE_DIR=str(tmp_path)))
+    # Deploys final at once: no workload here reports on a canary, and the second deploy on the key
+    # would wait for the first one's canary to end.
+    app = build_app(Settings(NATS_URL=nats_url, KERNELLOOP_STATE_DIR=str(tmp_path), KERNELLOOP_CANARY=False))
     await app.start()
     nc = await nats.connect(nats_url)
     try:
