@@ -67,13 +67,21 @@ async def publish_until(h, batches: list[CanaryReport], done, timeout: float = 3
         await asyncio.sleep(0.1)
 
 
-async def deploys(h) -> list[Deploy]:
-    sub = await h.js.pull_subscribe(subjects.DEPLOY, stream=subjects.STREAM_NAME)
-    try:
-        msgs = await sub.fetch(50, timeout=1)
-    except (asyncio.TimeoutError, Exception):
-        return []
-    return [Deploy.model_validate_json(m.data) for m in msgs]
+async def deploys(h, at_least: int = 0, timeout: float = 15.0) -> list[Deploy]:
+    """The Deploy events kept so far; with at_least, waited for: the deployer writes the registry
+    first and publishes the event after, so a test that saw the registry change may be early."""
+    deadline = time.monotonic() + timeout
+    while True:
+        sub = await h.js.pull_subscribe(subjects.DEPLOY, stream=subjects.STREAM_NAME)
+        try:
+            msgs = await sub.fetch(50, timeout=1)
+        except (asyncio.TimeoutError, Exception):
+            msgs = []
+        finally:
+            await sub.unsubscribe()
+        if len(msgs) >= at_least or time.monotonic() > deadline:
+            return [Deploy.model_validate_json(m.data) for m in msgs]
+        await asyncio.sleep(0.2)
 
 
 async def canary_record(h, hardware: str) -> CanaryState:
@@ -112,7 +120,7 @@ async def test_canary_of_a_step_135x_slower_is_withdrawn_and_the_gate_never_depl
                     and r.entry.stage == "promoted"], "the slower variant never reached promoted"
         assert slow.variant_id in withdrawn(history)
 
-        events = await deploys(h)
+        events = await deploys(h, at_least=2)
         assert [e.stage for e in events] == ["canary", "withdrawn"]
         withdraw = events[1]
         assert withdraw.rollback and withdraw.variant_id == old.variant_id
@@ -150,7 +158,7 @@ async def test_canary_of_a_step_11x_faster_is_promoted(nats_url, tmp_path):
         current = await h.registry.read(KEY)
         assert current.entry.variant_id == fast.variant_id and current.revision == canary.revision + 1
         assert current.entry.step_speedup > 1 and withdrawn(await h.registry.history(KEY)) == {}
-        events = await deploys(h)
+        events = await deploys(h, at_least=2)
         assert [e.stage for e in events] == ["canary", "promoted"]
         assert events[1].step_speedup_ci_low > 1 and events[1].revision == current.revision
         assert events[1].event_id == "promote-camp-fast" and not events[1].rollback
@@ -183,7 +191,7 @@ async def test_second_winner_on_the_hardware_waits_for_the_canary_and_deploys_wh
 
         await publish_until(h, simulated_reports(KEY, first.variant_id, canary.revision, 1 / 1.1, "host:1",
                                                  seed=31, per_report=4), second_started)
-        events = await deploys(h)
+        events = await deploys(h, at_least=3)
         assert [(e.campaign_id, e.stage) for e in events] == [
             ("camp-first", "canary"), ("camp-first", "promoted"), ("camp-second", "canary")]
         assert (await h.registry.read(OTHER_KEY)).entry.stage == "canary"
@@ -204,7 +212,7 @@ async def test_replicas_carrying_out_the_same_verdict_promote_once(nats_url, tmp
         history = await h.registry.history(KEY)
         assert [r.entry.stage for r in history] == ["canary", "promoted"], "one promote, one revision"
         await asyncio.sleep(SWEEP_S + 1)
-        assert [e.stage for e in await deploys(h)] == ["canary", "promoted"], "one Deploy for it"
+        assert [e.stage for e in await deploys(h, at_least=2)] == ["canary", "promoted"], "one Deploy for it"
         assert (await canary_record(h, KEY.hardware)).outcome == f"promoted at revision {history[1].revision}"
 
 
@@ -216,7 +224,7 @@ async def test_canary_nobody_reports_on_is_withdrawn_at_its_time_limit(nats_url,
         while await h.registry.read(KEY) is not None:  # the fallback serves again
             assert time.monotonic() < deadline, "the silent canary was not withdrawn"
             await asyncio.sleep(0.2)
-        events = await deploys(h)
+        events = await deploys(h, at_least=2)
         assert [e.stage for e in events] == ["canary", "withdrawn"]
         assert events[1].variant_id == "fallback" and events[1].detail.startswith("no evidence")
         assert fast.variant_id in withdrawn(await h.registry.history(KEY))
