@@ -6,6 +6,7 @@ from the command line all call `Registry`, and every write names the revision it
 so two writers cannot both win. The detector, the workload's hot swap and the status views read it
 here too. The campaign records (shared/schemas.py CampaignState) are written by the deployer alone;
 their key and read side are here so the detector and the command line read them the same way."""
+import asyncio
 import hashlib
 import re
 from datetime import datetime, timezone
@@ -29,6 +30,9 @@ def takes_back(replaced: str | None, entry: RegistryEntry, served_before: set[st
     approved by that person, so it is known by its shape). A new variant replacing one is not."""
     return replaced is not None and entry.variant_id != replaced and (
         entry.approved_by.startswith("rollback") or entry.variant_id in served_before)
+
+
+HISTORY_READS = 10
 
 
 class StaleRevision(Exception):
@@ -97,11 +101,29 @@ class Registry:
 
     async def history(self, key: KernelKey | str) -> list[Revision]:
         """Every kept revision of the key, oldest first; delete markers have entry None."""
-        try:
-            entries = await self.kv.history(str(key))
-        except nats.js.errors.NoKeysError:
-            return []
+        # nats-py's history() is a watch that may say "no more" before the kept entries arrived
+        # (seen on a loaded machine): a short history would hide a withdrawn variant from the gate.
+        # So it is read again until it holds as many entries as the stream keeps for the key.
+        kept = await self._kept(str(key))
+        entries: list = []
+        for attempt in range(HISTORY_READS):
+            try:
+                entries = await self.kv.history(str(key))
+            except nats.js.errors.NoKeysError:
+                entries = []
+            if len(entries) >= kept:
+                break
+            await asyncio.sleep(0.05 * (attempt + 1))
+        else:
+            raise RuntimeError(f"registry key {key}: history read {len(entries)} of {kept} kept entries")
         return [Revision(e.revision, _parse(e)) for e in entries]
+
+    async def _kept(self, key: str) -> int:
+        """How many entries the bucket's stream keeps for the key (the KeyValue's own stream and
+        subject prefix: nats-py exposes no public accessor for them)."""
+        subject = f"{self.kv._pre}{key}"
+        info = await self.kv._js.stream_info(self.kv._stream, subjects_filter=subject)
+        return (info.state.subjects or {}).get(subject, 0)
 
     async def rollback(self, key: KernelKey | str, approved_by: str = "rollback", trace_id: str | None = None,
                        to: int | None = None, expect: int | None = None) -> Revision:
