@@ -18,7 +18,7 @@ from pydantic import BaseModel
 from deployer.gate import Decision, decide
 from shared import subjects
 from shared.broker import replicas
-from shared.registry import campaign_key
+from shared.registry import campaign_key, read_record
 from shared.schemas import BenchResult, Campaign, CampaignState, Failure, Refine, Scored
 from shared.variants import variant_id
 
@@ -193,15 +193,6 @@ def mark_abandoned(state: CampaignState, reason: str) -> CampaignState:
 
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
-
-
-async def read_record(kv: KeyValue, key: str, model: type[M]) -> tuple[M | None, int]:
-    """A KV record and its revision; (None, 0) when there is none."""
-    try:
-        entry = await kv.get(key)
-    except nats.js.errors.KeyNotFoundError:
-        return None, 0
-    return model.model_validate_json(entry.value), entry.revision
 
 
 async def update_record(kv: KeyValue, key: str, model: type[M], change: Callable[[M | None], tuple[M, T]],

@@ -15,7 +15,8 @@ import nats.js.errors
 from faststream.nats import NatsBroker
 from nats.js.kv import KeyValue
 
-from deployer.campaign import read_record, update_record
+from deployer.campaign import update_record
+from shared.registry import read_record
 from deployer.canary import Policy, Verdict, WindowPair, decide
 from shared import subjects
 from shared.broker import replicas

@@ -12,7 +12,7 @@ from nats.js.api import DeliverPolicy
 from pydantic import ValidationError
 
 from shared import subjects
-from shared.registry import Registry, read_campaign
+from shared.registry import M, Registry, read_campaign
 from shared.schemas import (BY_SUBJECT, BenchResult, CampaignState, CanaryReport, CanaryState, Deploy, DeployApproval,
                             DeployPending, Event, Hypothesis, KernelStats, ProfilerTrace, Refine, RegistryEntry,
                             UsageChanged, VariantReady)
@@ -100,28 +100,26 @@ async def campaign(js: JetStreamContext, campaign_id: str) -> CampaignState | No
     return await read_campaign(store, campaign_id) if store is not None else None
 
 
-async def campaign_states(js: JetStreamContext) -> list[CampaignState]:
-    """The deployer's record of every campaign that has had a benchmark result."""
-    store = await kv(js, subjects.CAMPAIGN_BUCKET)
-    states = []
+async def _records(js: JetStreamContext, bucket: str, model: type[M]) -> list[M]:
+    """Every record of a deployer bucket that reads as its model; the others are skipped."""
+    store = await kv(js, bucket)
+    records = []
     for key in await keys(store):
         try:
-            states.append(CampaignState.model_validate_json((await store.get(key)).value))
+            records.append(model.model_validate_json((await store.get(key)).value))
         except (nats.js.errors.KeyNotFoundError, ValidationError):
             continue
-    return states
+    return records
+
+
+async def campaign_states(js: JetStreamContext) -> list[CampaignState]:
+    """The deployer's record of every campaign that has had a benchmark result."""
+    return await _records(js, subjects.CAMPAIGN_BUCKET, CampaignState)
 
 
 async def canaries(js: JetStreamContext) -> list[CanaryState]:
     """The deployer's canary record of every hardware: the one in flight there, or the last one."""
-    store = await kv(js, subjects.CANARY_BUCKET)
-    states = []
-    for key in await keys(store):
-        try:
-            states.append(CanaryState.model_validate_json((await store.get(key)).value))
-        except (nats.js.errors.KeyNotFoundError, ValidationError):
-            continue
-    return states
+    return await _records(js, subjects.CANARY_BUCKET, CanaryState)
 
 
 def canary_line(c: CanaryState) -> str:

@@ -10,11 +10,12 @@ import asyncio
 import hashlib
 import re
 from datetime import datetime, timezone
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import nats.js.errors
 from faststream.nats import NatsBroker
 from nats.js.kv import KeyValue
+from pydantic import BaseModel
 
 from shared import subjects
 from shared.broker import replicas
@@ -33,6 +34,7 @@ def takes_back(replaced: str | None, entry: RegistryEntry, served_before: set[st
 
 
 HISTORY_READS = 10
+M = TypeVar("M", bound=BaseModel)
 
 
 class StaleRevision(Exception):
@@ -213,10 +215,15 @@ def campaign_key(campaign_id: str) -> str:
     return "c-" + hashlib.sha256(campaign_id.encode()).hexdigest()[:32]
 
 
+async def read_record(kv: KeyValue, key: str, model: type[M]) -> tuple[M | None, int]:
+    """A KV record and its revision; (None, 0) when there is none."""
+    try:
+        entry = await kv.get(key)
+    except nats.js.errors.KeyNotFoundError:
+        return None, 0
+    return model.model_validate_json(entry.value), entry.revision
+
+
 async def read_campaign(campaigns: KeyValue, campaign_id: str) -> CampaignState | None:
     """The deployer's record of a campaign, or None when it has none (no result arrived yet)."""
-    try:
-        entry = await campaigns.get(campaign_key(campaign_id))
-    except nats.js.errors.KeyNotFoundError:
-        return None
-    return CampaignState.model_validate_json(entry.value)
+    return (await read_record(campaigns, campaign_key(campaign_id), CampaignState))[0]

@@ -203,17 +203,22 @@ class Runtime:
 
     async def _send_buffered(self) -> bool:
         """Publish buffered windows oldest first; False when the server or stream did not take one."""
+        return await self._drain(subjects.KERNEL_STATS, self._buffer)
+
+    async def _drain(self, subject: str, queue: deque) -> bool:
+        """Publish a queue's events oldest first, each removed once acked; False when the server or
+        stream did not take one (it and the rest stay queued)."""
         if self._nc is None or not self._nc.is_connected:
             return False
         js = self._nc.jetstream()
-        while self._buffer:
-            stats = self._buffer[0]
+        while queue:
+            event = queue[0]
             try:
-                await js.publish(subjects.KERNEL_STATS, stats.model_dump_json().encode(), timeout=2.0,
-                                 stream=subjects.STREAM_NAME, headers={"Nats-Msg-Id": stats.event_id})
+                await js.publish(subject, event.model_dump_json().encode(), timeout=2.0,
+                                 stream=subjects.STREAM_NAME, headers={"Nats-Msg-Id": event.event_id})
             except (NatsError, asyncio.TimeoutError):
                 return False  # kept: the same event id makes a retry after a lost ack harmless
-            self._buffer.popleft()
+            queue.popleft()
         return True
 
     async def _run_canaries(self) -> None:
@@ -234,18 +239,9 @@ class Runtime:
                 await self._send_canary_reports()
 
     async def _send_canary_reports(self) -> None:
-        if self._nc is None or not self._nc.is_connected:
-            return
-        js = self._nc.jetstream()
-        while self._canary_reports:
-            report = self._canary_reports[0]
-            try:
-                await js.publish(subjects.CANARY_REPORT, report.model_dump_json().encode(), timeout=2.0,
-                                 stream=subjects.STREAM_NAME, headers={"Nats-Msg-Id": report.event_id})
-            except (NatsError, asyncio.TimeoutError):
-                return  # kept: the same event id makes a retry after a lost ack harmless
-            self._canary_reports.popleft()
-            self.canary_reports_sent += 1
+        queued = len(self._canary_reports)
+        await self._drain(subjects.CANARY_REPORT, self._canary_reports)
+        self.canary_reports_sent += queued - len(self._canary_reports)
 
     async def _follow_registry(self) -> None:
         while self._nc is None:
